@@ -1,0 +1,31 @@
+//! Subcommands whose help is written but whose work is not built yet. They
+//! say so and fail, rather than pretend.
+
+use clap::Args;
+
+/// Read the shards of a Kinesis stream and load them into the database, exactly
+/// once, sharing the shards with every other consumer of the stream.
+/// (Not built yet.)
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {}
+
+/// Take telemetry from CoAP devices and from an MQTT broker and put it into the
+/// Kinesis stream. (Not built yet.)
+#[derive(Debug, Args)]
+pub struct GatewayArgs {}
+
+/// Create the AWS side, idempotently: the Kinesis stream, the IoT topic rule, the
+/// Firehose delivery stream and its S3 bucket with a Glacier lifecycle. (Not built yet.)
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {}
+
+/// Show the shards of a stream with their owners, checkpoints and lag, and the
+/// workers with their heartbeats. (Not built yet.)
+#[derive(Debug, Args)]
+pub struct StatusArgs {}
+
+pub fn not_built(command: &str, issue: u32) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "`ingest {command}` is not built yet (tracked in issue #{issue}); nothing was done"
+    )
+}

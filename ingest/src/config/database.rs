@@ -1,0 +1,138 @@
+//! Where the database is and how long to wait for it.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::ConfigError;
+
+/// The database of the local stack (`dev/stack up`), the default everywhere.
+pub const LOCAL_DATABASE_URL: &str = "postgres://ingest:ingest@127.0.0.1:15400/ingest";
+
+/// A validated database target.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    /// Connection settings parsed from the URL (host, port, user, password, database).
+    pub postgres: tokio_postgres::Config,
+    /// The URL with its password hidden: what logs and errors show.
+    pub display: String,
+    /// How long to wait for the server to accept a connection.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    // By hand, so that the password never reaches a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.display)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl DatabaseConfig {
+    /// Parses `url` (a `postgres://` URL or `key=value` pairs) given as `setting`.
+    pub fn validate(
+        setting: &str,
+        url: &str,
+        connect_timeout: Duration,
+    ) -> Result<Self, ConfigError> {
+        let display = redact_password(url);
+        let mut postgres = tokio_postgres::Config::from_str(url).map_err(|error| {
+            ConfigError::new(setting, &display, format!("not a PostgreSQL URL: {error}"))
+        })?;
+        if postgres.get_hosts().is_empty() {
+            return Err(ConfigError::new(setting, &display, "names no host"));
+        }
+        if postgres.get_user().is_none() {
+            return Err(ConfigError::new(setting, &display, "names no user"));
+        }
+        postgres.connect_timeout(connect_timeout);
+        postgres.application_name("ingest");
+        Ok(DatabaseConfig {
+            postgres,
+            display,
+            connect_timeout,
+        })
+    }
+}
+
+/// `url` with the password replaced by `***`, in URL and in key=value form.
+pub fn redact_password(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let user_info = &rest[..at];
+            if let Some(colon) = user_info.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &user_info[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|pair| {
+            if pair.starts_with("password=") {
+                "password=***"
+            } else {
+                pair
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        let cases = [
+            (
+                "postgres://u:secret@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            ("postgres://u:p@ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("postgres://h/db?user=u", "postgres://h/db?user=u"),
+            (
+                "host=h user=u password=secret dbname=d",
+                "host=h user=u password=*** dbname=d",
+            ),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_password(url), shown);
+        }
+    }
+
+    #[test]
+    fn validation_names_the_setting_and_hides_the_password() {
+        let timeout = Duration::from_secs(5);
+        let error = DatabaseConfig::validate(
+            "--database-url",
+            "postgres://u:secret@h:notaport/db",
+            timeout,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("invalid --database-url \"postgres://u:***@h:notaport/db\""),
+            "{error}"
+        );
+        assert!(!error.contains("secret"), "{error}");
+
+        let error =
+            DatabaseConfig::validate("--database-url", "postgres:///db", timeout).unwrap_err();
+        assert!(error.to_string().contains("names no"), "{error}");
+
+        let config =
+            DatabaseConfig::validate("--database-url", LOCAL_DATABASE_URL, timeout).unwrap();
+        assert_eq!(config.postgres.get_dbname(), Some("ingest"));
+        assert!(!format!("{config:?}").contains(":ingest@"), "{config:?}");
+    }
+}

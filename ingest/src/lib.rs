@@ -1,0 +1,16 @@
+//! ingest: IoT telemetry from Kinesis into TimescaleDB, exactly once.
+//!
+//! The data's path: source (Kinesis shards) -> decode (record bytes to
+//! samples and events) -> batch (binary COPY buffers) -> sink (one
+//! PostgreSQL transaction with the shard checkpoints). Around it:
+//!
+//! - [`config`]: the typed, validated configuration of each command.
+//! - [`db`]: connecting to PostgreSQL with timeouts and one-line errors.
+//! - [`decode`]: one Kinesis record's bytes to a [`decode::Reading`] or a
+//!   precise reason for its dead letter. No IO.
+//!
+//! The `ingest` binary (src/main.rs and src/cli/) parses flags, environment
+//! and the config file into these types; only it knows clap.
+
+pub mod config;
+pub mod db;

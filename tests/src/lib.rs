@@ -1,0 +1,145 @@
+//! Test support: the real local services, one fresh database per test, and
+//! the `ingest` binary.
+//!
+//! Nothing here mocks a service. A test that cannot reach one fails with a
+//! message saying how to start it (`dev/stack up`); it never passes by skipping.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use tokio_postgres::{Client, NoTls};
+
+/// How to get the services these tests need.
+pub const START_HINT: &str = "start the local stack with `dev/stack up && eval \"$(dev/stack env)\"`, or run every test with `dev/test`";
+
+/// The URL of the stack's database, whose role may create databases and roles.
+pub fn admin_url() -> String {
+    std::env::var("INGEST_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| panic!("DATABASE_URL is not set: {START_HINT}"))
+}
+
+/// Connects to `url`, failing the test with a hint when the server is not there.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("cannot connect to the test database: {error}; {START_HINT}")
+        });
+    tokio::spawn(connection);
+    client
+}
+
+/// A database of its own for one test, created empty; named after the test so
+/// that a rerun replaces what a failed run left behind.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// A URL for it, as the admin role.
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create(test_name: &str) -> TestDb {
+        let name = format!("test_{test_name}");
+        let admin = connect(&admin_url()).await;
+        // Two statements: DROP DATABASE cannot share an implicit transaction.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin.batch_execute(&sql).await.unwrap_or_else(|error| {
+                panic!(
+                    "cannot create database {name}: {}",
+                    ingest::db::describe(&error)
+                )
+            });
+        }
+        let url = with_database(&admin_url(), &name);
+        TestDb { name, url }
+    }
+
+    /// A client connected to this database as the admin role.
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Drops the database; a test calls it when it passed.
+    pub async fn drop(self) {
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .unwrap_or_else(|error| panic!("cannot drop database {}: {error}", self.name));
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    format!("{base}/{database}{query}")
+}
+
+/// `url` with its user and password replaced.
+pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
+    let scheme_end = url.find("://").expect("a URL") + 3;
+    let rest = &url[scheme_end..];
+    let host_start = rest.find('@').map_or(0, |at| at + 1);
+    format!(
+        "{}{user}:{password}@{}",
+        &url[..scheme_end],
+        &rest[host_start..]
+    )
+}
+
+/// The `ingest` binary next to this test's executable. `dev/test` builds it
+/// first; a bare `cargo test` needs `cargo build --bins` before it.
+pub fn ingest_bin() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test's own path");
+    let mut dir = test_exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("ingest");
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo build --bins` first (dev/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `ingest` with `args` and the given extra environment, with no
+/// INGEST_* or DATABASE_URL variables inherited, so that a test says exactly
+/// what the command sees.
+pub fn run_ingest(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(ingest_bin());
+    command.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("INGEST_") || key == "DATABASE_URL" {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    command.output().expect("ingest runs")
+}
+
+/// The output's stdout and stderr as text, for assertions and failure messages.
+pub fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
