@@ -98,6 +98,14 @@ pub enum DecodeError {
         reason: String,
     },
 
+    /// A non-numeric field holds a NUL character (`\u0000`), which a
+    /// PostgreSQL `jsonb` column refuses; one such row would fail a whole COPY.
+    #[error("field {field:?} holds a NUL character (\\u0000), which the events table cannot store")]
+    NulInEvent {
+        /// The field's name, cut to 64 characters.
+        field: String,
+    },
+
     /// The record carries no field at all; storing nothing would make it vanish.
     #[error("record has no fields: nothing to store")]
     NoFields,
@@ -130,6 +138,7 @@ impl DecodeError {
             Self::TimestampOutOfRange { .. } => "timestamp_out_of_range",
             Self::NotFinite { .. } => "not_finite",
             Self::InvalidFieldName { .. } => "invalid_field_name",
+            Self::NulInEvent { .. } => "nul_in_event",
             Self::NoFields => "no_fields",
             Self::TooDeep { .. } => "too_deep",
         }

@@ -303,6 +303,11 @@ fn add_field(tape: &[Node<'_>], k: usize, reading: &mut Reading) -> Result<(), D
                 .ok_or_else(malformed_tape)?;
             let mut body = String::new();
             write_compact(nodes, name, &mut body)?;
+            if body.contains("\\u0000") {
+                return Err(DecodeError::NulInEvent {
+                    field: truncate_for_error(name),
+                });
+            }
             reading.events.push(Event {
                 kind: name.to_owned(),
                 body,
