@@ -12,6 +12,8 @@
 //! The `ingest` binary (src/main.rs and src/cli/) parses flags, environment
 //! and the config file into these types; only it knows clap.
 
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod decode;
+pub mod sink;

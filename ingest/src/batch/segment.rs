@@ -1,0 +1,269 @@
+//! The rows one shard contributes to a batch, and the checkpoint they move.
+
+use std::collections::BTreeSet;
+
+use bytes::{Bytes, BytesMut};
+
+use super::copy::TupleWriter;
+use super::series::{SeriesCache, SeriesKey};
+use crate::decode::{DecodeError, Reading};
+
+/// One shard's part of a batch: encoded COPY tuples for each table, and the
+/// sequence number its checkpoint moves to when the batch commits.
+#[derive(Debug)]
+pub struct Segment {
+    /// The shard whose records these are.
+    pub shard_id: String,
+    /// The lease counter the worker holds the shard with; the checkpoint
+    /// update is fenced by it.
+    pub lease_counter: i64,
+    /// Sequence number of the last record in this segment: the new checkpoint.
+    pub last_sequence: Option<String>,
+    /// The shard was read to its end: the lease is marked ended on commit.
+    pub ended: bool,
+    /// Records taken in (good and dead).
+    pub records: usize,
+    /// Tuples for telemetry.samples (time, series_id, value).
+    samples: BytesMut,
+    sample_rows: usize,
+    /// Tuples for telemetry.events (time, house, device, kind, body).
+    events: BytesMut,
+    event_rows: usize,
+    /// Tuples for ingest.dead_letters (stream, shard_id, sequence_number,
+    /// reason_kind, reason, raw).
+    dead_letters: BytesMut,
+    dead_letter_rows: usize,
+}
+
+/// A reading named a series the cache does not know: resolve it first.
+#[derive(Debug, thiserror::Error)]
+#[error("series ({}, {}, {}) has no id yet", .0.house, .0.device, .0.metric)]
+pub struct UnknownSeries(pub SeriesKey);
+
+impl Segment {
+    pub fn new(shard_id: &str, lease_counter: i64) -> Self {
+        Segment {
+            shard_id: shard_id.to_string(),
+            lease_counter,
+            last_sequence: None,
+            ended: false,
+            records: 0,
+            samples: BytesMut::new(),
+            sample_rows: 0,
+            events: BytesMut::new(),
+            event_rows: 0,
+            dead_letters: BytesMut::new(),
+            dead_letter_rows: 0,
+        }
+    }
+
+    /// Encodes a decoded record. Every series it names must be in `cache`.
+    pub fn add_reading(
+        &mut self,
+        reading: &Reading,
+        cache: &mut SeriesCache,
+    ) -> Result<(), UnknownSeries> {
+        // Look every id up before writing, so a missing one leaves no half-written record.
+        let mut ids = Vec::with_capacity(reading.samples.len());
+        for sample in &reading.samples {
+            match cache.get(&reading.house, &reading.device, &sample.metric) {
+                Some(id) => ids.push(id),
+                None => {
+                    return Err(UnknownSeries(SeriesKey {
+                        house: reading.house.clone(),
+                        device: reading.device.clone(),
+                        metric: sample.metric.clone(),
+                    }));
+                }
+            }
+        }
+        for (sample, id) in reading.samples.iter().zip(ids) {
+            TupleWriter::start(&mut self.samples, 3)
+                .timestamptz(reading.time)
+                .int4(id)
+                .float8(sample.value);
+        }
+        self.sample_rows += reading.samples.len();
+        for event in &reading.events {
+            TupleWriter::start(&mut self.events, 5)
+                .timestamptz(reading.time)
+                .text(&reading.house)
+                .text(&reading.device)
+                .text(&event.kind)
+                .jsonb(&event.body);
+        }
+        self.event_rows += reading.events.len();
+        Ok(())
+    }
+
+    /// Encodes a record that could not be decoded, with its reason.
+    pub fn add_dead_letter(
+        &mut self,
+        stream: &str,
+        sequence_number: &str,
+        error: &DecodeError,
+        raw: &[u8],
+    ) {
+        TupleWriter::start(&mut self.dead_letters, 6)
+            .text(stream)
+            .text(&self.shard_id)
+            .text(sequence_number)
+            .text(error.kind())
+            .text(&error.to_string())
+            .bytea(raw);
+        self.dead_letter_rows += 1;
+    }
+
+    /// Moves the segment's checkpoint to `sequence_number`, the record just added.
+    pub fn advance(&mut self, sequence_number: &str) {
+        self.records += 1;
+        self.last_sequence = Some(sequence_number.to_string());
+    }
+
+    /// Rows in each table: (samples, events, dead letters).
+    pub fn rows(&self) -> (usize, usize, usize) {
+        (self.sample_rows, self.event_rows, self.dead_letter_rows)
+    }
+
+    /// Encoded size, for the flush policy.
+    pub fn bytes(&self) -> usize {
+        self.samples.len() + self.events.len() + self.dead_letters.len()
+    }
+
+    /// Ends the segment: its tuples frozen, so that a retried transaction
+    /// resends them without copying.
+    pub fn seal(self) -> SealedSegment {
+        let rows = self.rows();
+        SealedSegment {
+            shard_id: self.shard_id,
+            lease_counter: self.lease_counter,
+            last_sequence: self.last_sequence,
+            ended: self.ended,
+            records: self.records,
+            rows,
+            samples: self.samples.freeze(),
+            events: self.events.freeze(),
+            dead_letters: self.dead_letters.freeze(),
+        }
+    }
+}
+
+/// A segment ready to be written: its tuples can no longer grow.
+#[derive(Debug, Clone)]
+pub struct SealedSegment {
+    /// The shard whose records these are.
+    pub shard_id: String,
+    /// The lease counter the checkpoint update is fenced by.
+    pub lease_counter: i64,
+    /// The new checkpoint; None when the segment only marks the end of the shard.
+    pub last_sequence: Option<String>,
+    /// Mark the lease ended on commit.
+    pub ended: bool,
+    /// Records in the segment.
+    pub records: usize,
+    /// Rows in (samples, events, dead letters).
+    pub rows: (usize, usize, usize),
+    /// Tuples for telemetry.samples.
+    pub samples: Bytes,
+    /// Tuples for telemetry.events.
+    pub events: Bytes,
+    /// Tuples for ingest.dead_letters.
+    pub dead_letters: Bytes,
+}
+
+/// The series named by `readings` that `cache` does not know, each once, in
+/// key order (so concurrent workers create them in the same order).
+pub fn missing_series<'a>(
+    readings: impl IntoIterator<Item = &'a Reading>,
+    cache: &mut SeriesCache,
+) -> Vec<SeriesKey> {
+    let mut missing = BTreeSet::new();
+    for reading in readings {
+        for sample in &reading.samples {
+            if cache
+                .get(&reading.house, &reading.device, &sample.metric)
+                .is_none()
+            {
+                missing.insert(SeriesKey {
+                    house: reading.house.clone(),
+                    device: reading.device.clone(),
+                    metric: sample.metric.clone(),
+                });
+            }
+        }
+    }
+    missing.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Event, Sample};
+
+    fn reading(device: &str, metrics: &[&str]) -> Reading {
+        Reading {
+            device: device.into(),
+            house: "h".into(),
+            time: 1_763_900_000_000_000,
+            samples: metrics
+                .iter()
+                .map(|m| Sample {
+                    metric: (*m).into(),
+                    value: 1.0,
+                })
+                .collect(),
+            events: vec![Event {
+                kind: "state".into(),
+                body: "\"on\"".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_reading_with_an_unknown_series_writes_nothing() {
+        let mut cache = SeriesCache::default();
+        let mut segment = Segment::new("shard-0", 1);
+        let r = reading("d1", &["a", "b"]);
+        assert_eq!(missing_series([&r, &r], &mut cache).len(), 2);
+        let key = SeriesKey {
+            house: "h".into(),
+            device: "d1".into(),
+            metric: "a".into(),
+        };
+        cache.insert(&key, 10);
+        assert!(segment.add_reading(&r, &mut cache).is_err());
+        assert_eq!((segment.rows(), segment.bytes()), ((0, 0, 0), 0));
+
+        cache.insert(
+            &SeriesKey {
+                metric: "b".into(),
+                ..key
+            },
+            11,
+        );
+        assert!(missing_series([&r], &mut cache).is_empty());
+        segment.add_reading(&r, &mut cache).unwrap();
+        segment.advance("42");
+        assert_eq!(segment.rows(), (2, 1, 0));
+        assert_eq!(segment.last_sequence.as_deref(), Some("42"));
+        // Two samples of 2 + 3 * 4 + 8 + 4 + 8 bytes.
+        let sealed = segment.seal();
+        assert_eq!(sealed.samples.len(), 2 * 34);
+        assert!(!sealed.events.is_empty() && sealed.dead_letters.is_empty());
+        assert_eq!((sealed.rows, sealed.records), ((2, 1, 0), 1));
+    }
+
+    #[test]
+    fn missing_series_are_sorted_and_unique() {
+        let mut cache = SeriesCache::default();
+        let keys = missing_series(
+            [&reading("d2", &["z", "a"]), &reading("d1", &["a"])],
+            &mut cache,
+        );
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}.{}", k.device, k.metric))
+            .collect();
+        assert_eq!(names, ["d1.a", "d2.a", "d2.z"]);
+    }
+}

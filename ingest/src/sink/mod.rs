@@ -1,0 +1,3 @@
+//! Where batches go. Only [`postgres`] knows tokio-postgres's write path.
+
+pub mod postgres;

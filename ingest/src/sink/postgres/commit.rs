@@ -1,0 +1,145 @@
+//! The batch transaction: fenced checkpoints, binary COPY, commit.
+//!
+//! The checkpoint update runs first: if a lease was lost, nothing has been
+//! copied yet and the rollback is cheap. Its row locks are held until commit,
+//! so a worker taking the lease over waits for this commit and then reads
+//! the checkpoint it made. Either the rows and their checkpoints commit
+//! together, or neither does.
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::Client;
+
+use super::SinkError;
+use crate::batch::{SealedSegment, copy};
+
+/// How a batch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rows and checkpoints are committed.
+    Committed,
+    /// These shards' leases are no longer this worker's (or their checkpoint
+    /// would move backwards): nothing was written. Drop them and retry the rest.
+    LeasesLost(Vec<String>),
+}
+
+/// Writes `segments` in one transaction as worker `owner` of `stream`.
+pub async fn write_batch(
+    client: &mut Client,
+    stream: &str,
+    owner: &str,
+    segments: &[SealedSegment],
+) -> Result<Outcome, SinkError> {
+    let transaction = client
+        .transaction()
+        .await
+        .map_err(SinkError::during("beginning the batch"))?;
+
+    let shard_ids: Vec<&str> = segments.iter().map(|s| s.shard_id.as_str()).collect();
+    let counters: Vec<i64> = segments.iter().map(|s| s.lease_counter).collect();
+    let sequences: Vec<Option<&str>> = segments
+        .iter()
+        .map(|s| s.last_sequence.as_deref())
+        .collect();
+    let ended: Vec<bool> = segments.iter().map(|s| s.ended).collect();
+    let moved = transaction
+        .query(
+            "UPDATE ingest.shard_leases l
+             SET checkpoint = coalesce(v.seq, l.checkpoint),
+                 ended = l.ended OR v.ended,
+                 -- An ended shard has nothing more to read: free its lease.
+                 owner = CASE WHEN v.ended THEN NULL ELSE l.owner END,
+                 expires_at = CASE WHEN v.ended THEN NULL ELSE l.expires_at END,
+                 updated_at = now()
+             FROM unnest($3::text[], $4::int8[], $5::text[], $6::bool[]) AS v(shard_id, counter, seq, ended)
+             WHERE l.stream = $1 AND l.shard_id = v.shard_id
+               AND l.owner = $2 AND l.lease_counter = v.counter
+               AND (v.seq IS NULL OR l.checkpoint IS NULL OR l.checkpoint::numeric < v.seq::numeric)
+             RETURNING l.shard_id",
+            &[&stream, &owner, &shard_ids, &counters, &sequences, &ended],
+        )
+        .await
+        .map_err(SinkError::during("moving checkpoints"))?;
+    if moved.len() < segments.len() {
+        let moved: Vec<String> = moved.iter().map(|row| row.get(0)).collect();
+        let lost = shard_ids
+            .iter()
+            .filter(|id| !moved.iter().any(|m| m == *id))
+            .map(|id| id.to_string())
+            .collect();
+        transaction
+            .rollback()
+            .await
+            .map_err(SinkError::during("rolling back a batch with lost leases"))?;
+        return Ok(Outcome::LeasesLost(lost));
+    }
+
+    copy_in(
+        &transaction,
+        "COPY telemetry.samples (time, series_id, value) FROM STDIN (FORMAT binary)",
+        segments
+            .iter()
+            .filter(|s| s.rows.0 > 0)
+            .map(|s| s.samples.clone()),
+        "copying samples",
+    )
+    .await?;
+    copy_in(
+        &transaction,
+        "COPY telemetry.events (time, house, device, kind, body) FROM STDIN (FORMAT binary)",
+        segments
+            .iter()
+            .filter(|s| s.rows.1 > 0)
+            .map(|s| s.events.clone()),
+        "copying events",
+    )
+    .await?;
+    copy_in(
+        &transaction,
+        "COPY ingest.dead_letters (stream, shard_id, sequence_number, reason_kind, reason, raw) \
+         FROM STDIN (FORMAT binary)",
+        segments
+            .iter()
+            .filter(|s| s.rows.2 > 0)
+            .map(|s| s.dead_letters.clone()),
+        "copying dead letters",
+    )
+    .await?;
+
+    transaction
+        .commit()
+        .await
+        .map_err(SinkError::during("committing the batch"))?;
+    Ok(Outcome::Committed)
+}
+
+/// One COPY of the given tuple buffers, framed by the header and trailer;
+/// nothing is sent when there are no tuples.
+async fn copy_in(
+    transaction: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    tuples: impl Iterator<Item = Bytes>,
+    during: &'static str,
+) -> Result<(), SinkError> {
+    let mut tuples = tuples.peekable();
+    if tuples.peek().is_none() {
+        return Ok(());
+    }
+    let sink = transaction
+        .copy_in(statement)
+        .await
+        .map_err(SinkError::during(during))?;
+    futures_util::pin_mut!(sink);
+    sink.feed(copy::header())
+        .await
+        .map_err(SinkError::during(during))?;
+    for chunk in tuples {
+        sink.feed(chunk).await.map_err(SinkError::during(during))?;
+    }
+    sink.feed(copy::trailer())
+        .await
+        .map_err(SinkError::during(during))?;
+    // Without finish() the server aborts the COPY: all or nothing.
+    sink.finish().await.map_err(SinkError::during(during))?;
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Errors of the write path, classified for the retry decision.
+
+use tokio_postgres::error::SqlState;
+
+/// A write failed; the transaction, if any, was rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A statement failed.
+    #[error("{during}: {}", crate::db::describe(.error))]
+    Database {
+        /// What was being done, e.g. "copying samples".
+        during: &'static str,
+        /// The client's error; questioned, not matched, by callers.
+        error: tokio_postgres::Error,
+    },
+    /// New series were created by another worker whose transaction stayed
+    /// open through three rounds of asking.
+    #[error("{count} series are still missing after three rounds of creating them")]
+    SeriesStillMissing { count: usize },
+}
+
+impl SinkError {
+    pub(crate) fn during(during: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+        move |error| SinkError::Database { during, error }
+    }
+
+    /// Whether the same batch may succeed later, perhaps on another server:
+    /// the connection broke, the server is shutting down or is no longer the
+    /// primary, or the transaction lost a serialization or deadlock race.
+    /// The transaction was rolled back, so retrying writes nothing twice.
+    pub fn is_retriable(&self) -> bool {
+        let error = match self {
+            SinkError::SeriesStillMissing { .. } => return true,
+            SinkError::Database { error, .. } => error,
+        };
+        if error.is_closed() {
+            return true;
+        }
+        match error.code() {
+            None => true, // IO errors: refused, reset, timed out.
+            Some(code) => {
+                *code == SqlState::READ_ONLY_SQL_TRANSACTION
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::QUERY_CANCELED
+                    || code.code().starts_with("08") // connection exception
+                    || code.code().starts_with("57") // admin shutdown, crash shutdown, cannot connect now
+                    || code.code().starts_with("53") // insufficient resources
+            }
+        }
+    }
+
+    /// Whether the server went away or said it is not the primary any more,
+    /// so that pooled connections should be dropped and the name resolved again.
+    pub fn is_not_primary(&self) -> bool {
+        let SinkError::Database { error, .. } = self else {
+            return false;
+        };
+        error.is_closed()
+            || error.code().is_none_or(|code| {
+                *code == SqlState::READ_ONLY_SQL_TRANSACTION
+                    || *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+            })
+    }
+
+    /// A stable label for the retries metric.
+    pub fn cause(&self) -> &'static str {
+        if self.is_not_primary() {
+            "database_unavailable"
+        } else if self.is_retriable() {
+            "database_conflict"
+        } else {
+            "database_error"
+        }
+    }
+}
