@@ -12,8 +12,14 @@
 //! The `ingest` binary (src/main.rs and src/cli/) parses flags, environment
 //! and the config file into these types; only it knows clap.
 
+pub mod backoff;
 pub mod batch;
 pub mod config;
+pub mod consumer;
 pub mod db;
 pub mod decode;
+pub mod lease;
+pub mod metrics;
+pub mod observe;
 pub mod sink;
+pub mod source;

@@ -4,6 +4,8 @@
 //! Nothing here mocks a service. A test that cannot reach one fails with a
 //! message saying how to start it (`dev/stack up`); it never passes by skipping.
 
+pub mod consumer;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -58,10 +58,16 @@ impl Batch {
         }
     }
 
-    /// The segment of `shard_id`, created on first use.
+    /// The segment of `shard_id` read under lease `lease_counter`, created on
+    /// first use. Keyed by both: a lease lost and taken again gives a new
+    /// segment, so rows of the old lease can be dropped alone.
     pub fn segment(&mut self, shard_id: &str, lease_counter: i64, now: Instant) -> &mut Segment {
         self.opened_at.get_or_insert(now);
-        let index = match self.segments.iter().position(|s| s.shard_id == shard_id) {
+        let index = match self
+            .segments
+            .iter()
+            .position(|s| s.shard_id == shard_id && s.lease_counter == lease_counter)
+        {
             Some(index) => index,
             None => {
                 self.segments.push(Segment::new(shard_id, lease_counter));
@@ -71,10 +77,11 @@ impl Batch {
         &mut self.segments[index]
     }
 
-    /// Forgets a shard's rows: its lease was lost, so another worker will
-    /// read them again from the committed checkpoint.
-    pub fn drop_shard(&mut self, shard_id: &str) {
-        self.segments.retain(|s| s.shard_id != shard_id);
+    /// Forgets a shard's rows read under `lease_counter`: that lease was
+    /// lost, so its next owner reads them again from the committed checkpoint.
+    pub fn drop_lease(&mut self, shard_id: &str, lease_counter: i64) {
+        self.segments
+            .retain(|s| s.shard_id != shard_id || s.lease_counter != lease_counter);
         if self.segments.is_empty() {
             self.opened_at = None;
         }
@@ -166,7 +173,7 @@ mod tests {
         assert!(batch.is_due(&policy, start), "rows");
         assert_eq!(batch.segments().len(), 2, "one segment per shard");
 
-        batch.drop_shard("a");
+        batch.drop_lease("a", 1);
         assert_eq!(batch.rows(), 1);
         let mut big = Batch::new();
         dead(&mut big, "a", &[0; 2_000]);

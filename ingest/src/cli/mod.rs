@@ -1,6 +1,7 @@
 //! The command line: global flags, the subcommands, the config file, and
 //! how their layers merge (flag > `INGEST_*` environment > file > default).
 
+mod consume;
 mod database;
 mod migrate;
 mod planned;
@@ -50,7 +51,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Migrate(migrate::MigrateArgs),
-    Consume(planned::ConsumeArgs),
+    Consume(consume::ConsumeArgs),
     Gateway(planned::GatewayArgs),
     Provision(planned::ProvisionArgs),
     Status(planned::StatusArgs),
@@ -98,7 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let file = ConfigFile::load(cli.global.config.as_deref())?;
     match cli.command {
         Command::Migrate(args) => migrate::run(args, file).await,
-        Command::Consume(_) => planned::not_built("consume", 3),
+        Command::Consume(args) => consume::run(args, file).await,
         Command::Gateway(_) => planned::not_built("gateway", 4),
         Command::Provision(_) => planned::not_built("provision", 4),
         Command::Status(_) => planned::not_built("status", 3),

@@ -3,12 +3,6 @@
 
 use clap::Args;
 
-/// Read the shards of a Kinesis stream and load them into the database, exactly
-/// once, sharing the shards with every other consumer of the stream.
-/// (Not built yet.)
-#[derive(Debug, Args)]
-pub struct ConsumeArgs {}
-
 /// Take telemetry from CoAP devices and from an MQTT broker and put it into the
 /// Kinesis stream. (Not built yet.)
 #[derive(Debug, Args)]

@@ -74,23 +74,32 @@ pub async fn write_batch(
         return Ok(Outcome::LeasesLost(lost));
     }
 
+    let samples = segments
+        .iter()
+        .filter(|s| s.rows.0 > 0)
+        .map(|s| s.samples.clone())
+        .collect();
+    let events = segments
+        .iter()
+        .filter(|s| s.rows.1 > 0)
+        .map(|s| s.events.clone())
+        .collect();
+    let dead_letters = segments
+        .iter()
+        .filter(|s| s.rows.2 > 0)
+        .map(|s| s.dead_letters.clone())
+        .collect();
     copy_in(
         &transaction,
         "COPY telemetry.samples (time, series_id, value) FROM STDIN (FORMAT binary)",
-        segments
-            .iter()
-            .filter(|s| s.rows.0 > 0)
-            .map(|s| s.samples.clone()),
+        samples,
         "copying samples",
     )
     .await?;
     copy_in(
         &transaction,
         "COPY telemetry.events (time, house, device, kind, body) FROM STDIN (FORMAT binary)",
-        segments
-            .iter()
-            .filter(|s| s.rows.1 > 0)
-            .map(|s| s.events.clone()),
+        events,
         "copying events",
     )
     .await?;
@@ -98,10 +107,7 @@ pub async fn write_batch(
         &transaction,
         "COPY ingest.dead_letters (stream, shard_id, sequence_number, reason_kind, reason, raw) \
          FROM STDIN (FORMAT binary)",
-        segments
-            .iter()
-            .filter(|s| s.rows.2 > 0)
-            .map(|s| s.dead_letters.clone()),
+        dead_letters,
         "copying dead letters",
     )
     .await?;
@@ -118,11 +124,12 @@ pub async fn write_batch(
 async fn copy_in(
     transaction: &tokio_postgres::Transaction<'_>,
     statement: &str,
-    tuples: impl Iterator<Item = Bytes>,
+    // A Vec, not an iterator: an iterator of borrowing closures held across
+    // the awaits below would keep the future from being Send.
+    tuples: Vec<Bytes>,
     during: &'static str,
 ) -> Result<(), SinkError> {
-    let mut tuples = tuples.peekable();
-    if tuples.peek().is_none() {
+    if tuples.is_empty() {
         return Ok(());
     }
     let sink = transaction

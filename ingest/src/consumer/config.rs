@@ -1,0 +1,41 @@
+//! The consumer's typed configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::batch::FlushPolicy;
+use crate::config::DatabaseConfig;
+use crate::decode::DecodeLimits;
+use crate::source::kinesis::{ReaderOptions, StartPosition};
+
+/// Everything `ingest consume` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The Kinesis stream: a name, or an ARN on real AWS.
+    pub stream: String,
+    /// This worker's id in the lease table (default: host name and pid).
+    pub worker_id: String,
+    pub database: DatabaseConfig,
+    /// Where a shard with no checkpoint starts (children of a split or merge
+    /// always start at TRIM_HORIZON, or their first records would be skipped).
+    pub start: StartPosition,
+    pub flush: FlushPolicy,
+    /// Concurrent batch transactions, each with its own connection; shards are spread over them.
+    pub writers: usize,
+    /// Chunks (GetRecords results) queued per writer before shard tasks stop polling.
+    pub queue_chunks: usize,
+    pub reader: ReaderOptions,
+    pub decode: DecodeLimits,
+    /// How long a lease lasts without renewal: a dead worker's shards move after this.
+    pub lease_ttl: Duration,
+    /// How often leases are renewed and the balance checked.
+    pub lease_interval: Duration,
+    /// How often the shard list is read (new shards after a split or merge).
+    pub shard_sync_interval: Duration,
+    /// How often partition maintenance runs (plain PostgreSQL storage).
+    pub maintenance_interval: Duration,
+    /// How long a shutdown may take to commit what is in flight.
+    pub shutdown_grace: Duration,
+    /// Where /metrics, /healthz and /readyz are served; None: not served.
+    pub metrics_addr: Option<SocketAddr>,
+}

@@ -1,0 +1,363 @@
+//! The coordinator: heartbeats, leases and balance, the shard list, partition
+//! maintenance, and the order of a graceful shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::ConsumerConfig;
+use super::chunk::Chunk;
+use super::shard::{ShardStopped, ShardTask};
+use super::writer::{Writer, WriterError, WriterEvent};
+use crate::batch::{Batch, SeriesCache};
+use crate::db;
+use crate::decode::Decoder;
+use crate::lease::{HeldLease, LeaseStore, Move, plan};
+use crate::metrics as m;
+use crate::observe::Readiness;
+use crate::sink::postgres::SinkError;
+use crate::source::kinesis::{KinesisSource, ShardInfo, SourceError, StartPosition};
+
+/// Why the consumer stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Connect(#[from] db::ConnectError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    #[error("the database has no ingest schema: run `ingest migrate` first")]
+    NotMigrated,
+    #[error("{0}")]
+    Schema(#[from] schema::SchemaError),
+}
+
+/// A shard this worker reads.
+struct Running {
+    lease_counter: i64,
+    stop: CancellationToken,
+}
+
+struct Coordinator {
+    config: ConsumerConfig,
+    source: KinesisSource,
+    store: LeaseStore,
+    client: Client,
+    storage: schema::Storage,
+    /// The shard list as last read, for parents and start positions.
+    shards: HashMap<String, ShardInfo>,
+    running: HashMap<String, Running>,
+    /// Which writer each shard is written by.
+    assigned: HashMap<String, usize>,
+    writer_inputs: Vec<mpsc::Sender<Chunk>>,
+    tasks: JoinSet<ShardStopped>,
+    /// Read the shard list at the next round (a shard ended: children may be new).
+    sync_due: bool,
+    last_sync: Instant,
+    last_maintenance: Instant,
+    /// Set after each round: ready while the database and the stream answer.
+    readiness: Arc<Readiness>,
+}
+
+/// Runs the consumer until `shutdown` is cancelled, then commits what is in
+/// flight, releases the leases and returns.
+pub async fn run(
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+    readiness: Arc<Readiness>,
+) -> Result<(), ConsumerError> {
+    let source = KinesisSource::from_env(&config.stream).await?;
+    let client = db::connect(&config.database).await?;
+    let storage = schema::recorded_storage(&client)
+        .await?
+        .ok_or(ConsumerError::NotMigrated)?;
+    let store = LeaseStore {
+        stream: config.stream.clone(),
+        worker: config.worker_id.clone(),
+        ttl: config.lease_ttl,
+    };
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut writers = JoinSet::new();
+    let mut writer_inputs = Vec::new();
+    for index in 0..config.writers {
+        let (input, chunks) = mpsc::channel(config.queue_chunks);
+        writer_inputs.push(input);
+        let writer = Writer {
+            index,
+            stream: config.stream.clone(),
+            worker: config.worker_id.clone(),
+            database: config.database.clone(),
+            policy: config.flush,
+            chunks,
+            events: events_tx.clone(),
+            client: None,
+            batch: Batch::new(),
+            cache: SeriesCache::default(),
+            lost: Default::default(),
+        };
+        writers.spawn(writer.run());
+    }
+    drop(events_tx);
+
+    let now = Instant::now();
+    let mut coordinator = Coordinator {
+        config,
+        source,
+        store,
+        client,
+        storage,
+        shards: HashMap::new(),
+        running: HashMap::new(),
+        assigned: HashMap::new(),
+        writer_inputs,
+        tasks: JoinSet::new(),
+        sync_due: true,
+        last_sync: now,
+        last_maintenance: now,
+        readiness,
+    };
+    tracing::info!(stream = %coordinator.config.stream, worker = %coordinator.config.worker_id, "consumer started");
+
+    let mut ticks = tokio::time::interval(coordinator.config.lease_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let outcome = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            _ = ticks.tick() => coordinator.round().await,
+            Some(event) = events.recv() => coordinator.on_writer_event(event),
+            Some(stopped) = coordinator.tasks.join_next() => {
+                if let Ok(stopped) = stopped {
+                    coordinator.on_shard_stopped(stopped);
+                }
+            }
+            Some(finished) = writers.join_next() => {
+                // A writer only stops early on an error nobody can retry.
+                break match finished {
+                    Ok(Err(error)) => Err(ConsumerError::from(error)),
+                    _ => Ok(()),
+                };
+            }
+        }
+    };
+    coordinator.shut_down(writers).await;
+    outcome
+}
+
+impl Coordinator {
+    /// One round: heartbeat, renew, balance, and now and then the shard list
+    /// and partition maintenance. Errors are logged and the next round tries again.
+    async fn round(&mut self) {
+        let result = self.try_round().await;
+        self.readiness.set(result.is_ok());
+        if let Err(error) = result {
+            tracing::warn!(%error, "lease round failed; trying again next round");
+            metrics::counter!(m::RETRIES, "cause" => "lease_round").increment(1);
+            if self.client.is_closed() {
+                match db::connect(&self.config.database).await {
+                    Ok(client) => self.client = client,
+                    Err(error) => tracing::warn!(%error, "cannot reconnect yet"),
+                }
+            }
+        }
+        metrics::gauge!(m::LEASES_HELD).set(self.running.len() as f64);
+    }
+
+    async fn try_round(&mut self) -> Result<(), RoundError> {
+        if self.sync_due || self.last_sync.elapsed() >= self.config.shard_sync_interval {
+            let shards = self.source.list_shards().await?;
+            let rows: Vec<(String, Vec<String>)> = shards
+                .iter()
+                .map(|s| (s.shard_id.clone(), s.parent_shard_ids.clone()))
+                .collect();
+            let added = self.store.sync_shards(&self.client, &rows).await?;
+            if added > 0 {
+                tracing::info!(added, "new shards in the lease table");
+            }
+            self.shards = shards
+                .into_iter()
+                .map(|s| (s.shard_id.clone(), s))
+                .collect();
+            self.sync_due = false;
+            self.last_sync = Instant::now();
+        }
+
+        self.store.heartbeat(&self.client).await?;
+        let held: Vec<HeldLease> = self
+            .running
+            .iter()
+            .map(|(shard_id, r)| HeldLease {
+                shard_id: shard_id.clone(),
+                counter: r.lease_counter,
+                checkpoint: None,
+            })
+            .collect();
+        let still_held = self.store.renew(&self.client, &held).await?;
+        for lease in held.iter().filter(|l| !still_held.contains(&l.shard_id)) {
+            tracing::info!(shard = %lease.shard_id, "lease no longer ours (taken over or shard ended)");
+            self.stop_shard(&lease.shard_id, lease.counter);
+        }
+
+        let fleet = self.store.fleet(&self.client).await?;
+        match plan(&self.config.worker_id, self.running.len(), &fleet) {
+            Move::Acquire(count) => {
+                for lease in self.store.acquire(&self.client, count).await? {
+                    self.start_shard(lease);
+                }
+            }
+            Move::Steal(victim) => {
+                if let Some(lease) = self.store.steal(&self.client, &victim).await? {
+                    tracing::info!(shard = %lease.shard_id, from = %victim, "took a lease to balance the fleet");
+                    metrics::counter!(m::LEASE_STEALS).increment(1);
+                    self.start_shard(lease);
+                }
+            }
+            Move::Stay => {}
+        }
+
+        if self.last_maintenance.elapsed() >= self.config.maintenance_interval {
+            schema::maintain(&self.client, self.storage).await?;
+            self.last_maintenance = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn start_shard(&mut self, lease: HeldLease) {
+        let has_parents = self
+            .shards
+            .get(&lease.shard_id)
+            .is_some_and(|s| !s.parent_shard_ids.is_empty());
+        let start = match &lease.checkpoint {
+            Some(sequence) => StartPosition::AfterSequence(sequence.clone()),
+            // A child's first records were written before anyone read it.
+            None if has_parents => StartPosition::TrimHorizon,
+            None => self.config.start.clone(),
+        };
+        let writer = match self.assigned.get(&lease.shard_id) {
+            Some(writer) => *writer,
+            None => {
+                // The writer with the fewest shards being read.
+                let mut load = vec![0usize; self.writer_inputs.len()];
+                for (shard, index) in &self.assigned {
+                    if self.running.contains_key(shard) {
+                        load[*index] += 1;
+                    }
+                }
+                let writer = (0..load.len()).min_by_key(|i| load[*i]).unwrap_or(0);
+                self.assigned.insert(lease.shard_id.clone(), writer);
+                writer
+            }
+        };
+        tracing::info!(shard = %lease.shard_id, lease_counter = lease.counter, ?start, writer, "reading shard");
+        let stop = CancellationToken::new();
+        let task = ShardTask {
+            shard_id: lease.shard_id.clone(),
+            lease_counter: lease.counter,
+            source: self.source.clone(),
+            start,
+            options: self.config.reader.clone(),
+            decoder: Decoder::new(self.config.decode),
+            chunks: self.writer_inputs[writer].clone(),
+            stop: stop.clone(),
+        };
+        self.tasks.spawn(task.run());
+        self.running.insert(
+            lease.shard_id,
+            Running {
+                lease_counter: lease.counter,
+                stop,
+            },
+        );
+    }
+
+    /// Stops reading `shard_id` if it is still read under `lease_counter`.
+    fn stop_shard(&mut self, shard_id: &str, lease_counter: i64) {
+        if self
+            .running
+            .get(shard_id)
+            .is_some_and(|r| r.lease_counter == lease_counter)
+            && let Some(running) = self.running.remove(shard_id)
+        {
+            running.stop.cancel();
+        }
+    }
+
+    fn on_writer_event(&mut self, event: WriterEvent) {
+        match event {
+            WriterEvent::LeaseLost {
+                shard_id,
+                lease_counter,
+            } => self.stop_shard(&shard_id, lease_counter),
+            WriterEvent::ShardEnded { shard_id } => {
+                if let Some(running) = self.running.remove(&shard_id) {
+                    running.stop.cancel();
+                }
+                // Its children may now be readable, and may be new to the table.
+                self.sync_due = true;
+            }
+        }
+    }
+
+    fn on_shard_stopped(&mut self, stopped: ShardStopped) {
+        if stopped.error.is_some() {
+            // Stop holding a shard we cannot read; after the lease time it is
+            // free for any worker (this one included) to try again.
+            self.stop_shard(&stopped.shard_id, stopped.lease_counter);
+        }
+    }
+
+    /// Stop polling, let the writers commit what they hold, release the leases.
+    async fn shut_down(mut self, mut writers: JoinSet<Result<(), WriterError>>) {
+        tracing::info!("shutting down: committing what is in flight");
+        for running in self.running.values() {
+            running.stop.cancel();
+        }
+        let grace = tokio::time::Instant::now() + self.config.shutdown_grace;
+        while tokio::time::timeout_at(grace, self.tasks.join_next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {}
+        // The writers end once every sender of their channels is gone.
+        self.writer_inputs.clear();
+        loop {
+            match tokio::time::timeout_at(grace, writers.join_next()).await {
+                Ok(Some(Ok(Err(error)))) => {
+                    tracing::error!(%error, "a writer failed while shutting down")
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        "shutdown grace period over; uncommitted records will be read again by the next owner"
+                    );
+                    writers.abort_all();
+                    break;
+                }
+            }
+        }
+        match self.store.release_all(&self.client).await {
+            Ok(released) => tracing::info!(released, "leases released"),
+            Err(error) => {
+                tracing::warn!(%error, "could not release the leases; they expire by themselves")
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Schema(#[from] schema::SchemaError),
+}

@@ -1,0 +1,95 @@
+//! A shard task: reads one leased shard in order, decodes, and hands chunks
+//! to its writer, waiting (and so not polling) while the writer is full.
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::chunk::{Chunk, decode_records};
+use crate::decode::Decoder;
+use crate::metrics as m;
+use crate::source::kinesis::{Fetched, KinesisSource, ReaderOptions, ShardReader, StartPosition};
+
+/// What a shard task tells the coordinator when it stops by itself.
+#[derive(Debug)]
+pub struct ShardStopped {
+    pub shard_id: String,
+    pub lease_counter: i64,
+    /// Why, when it was an error retrying could not fix.
+    pub error: Option<String>,
+}
+
+pub struct ShardTask {
+    pub shard_id: String,
+    pub lease_counter: i64,
+    pub source: KinesisSource,
+    /// Where reading starts: after the checkpoint, or the start position.
+    pub start: StartPosition,
+    pub options: ReaderOptions,
+    pub decoder: Decoder,
+    pub chunks: mpsc::Sender<Chunk>,
+    /// Cancelled when the lease is lost or the worker shuts down.
+    pub stop: CancellationToken,
+}
+
+impl ShardTask {
+    pub async fn run(mut self) -> ShardStopped {
+        let reader = self
+            .source
+            .shard_reader(&self.shard_id, self.start.clone(), self.options.clone())
+            .await;
+        let error = self.read(reader).await.err();
+        if let Some(error) = &error {
+            tracing::error!(shard = %self.shard_id, %error, "stopped reading the shard");
+        }
+        ShardStopped {
+            shard_id: self.shard_id,
+            lease_counter: self.lease_counter,
+            error,
+        }
+    }
+
+    async fn read(&mut self, mut reader: ShardReader) -> Result<(), String> {
+        loop {
+            let fetched = tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                fetched = reader.next() => fetched.map_err(|e| e.to_string())?,
+            };
+            let chunk = match fetched {
+                Fetched::Records {
+                    records,
+                    millis_behind_latest,
+                } => {
+                    let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+                    metrics::counter!(m::RECORDS_READ, "shard" => self.shard_id.clone())
+                        .increment(records.len() as u64);
+                    metrics::counter!(m::RECORD_BYTES_READ).increment(bytes as u64);
+                    if let Some(behind) = millis_behind_latest {
+                        metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => self.shard_id.clone())
+                            .set(behind as f64);
+                    }
+                    Chunk {
+                        shard_id: self.shard_id.clone(),
+                        lease_counter: self.lease_counter,
+                        items: decode_records(&mut self.decoder, records),
+                        end_of_shard: false,
+                    }
+                }
+                Fetched::EndOfShard => Chunk {
+                    shard_id: self.shard_id.clone(),
+                    lease_counter: self.lease_counter,
+                    items: Vec::new(),
+                    end_of_shard: true,
+                },
+            };
+            let end = chunk.end_of_shard;
+            tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                sent = self.chunks.send(chunk) => if sent.is_err() { return Ok(()) },
+            }
+            if end {
+                tracing::info!(shard = %self.shard_id, "read the shard to its end");
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! A writer: takes chunks of the shards assigned to it, batches them and
+//! commits each batch in one transaction, retrying what may succeed later.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+
+use super::chunk::Chunk;
+use crate::backoff::Backoff;
+use crate::batch::{Batch, FlushPolicy, SealedSegment, SeriesCache, missing_series};
+use crate::config::DatabaseConfig;
+use crate::db;
+use crate::metrics as m;
+use crate::sink::postgres::{Outcome, SinkError, resolve_series, write_batch};
+
+/// What a writer tells the coordinator.
+#[derive(Debug)]
+pub enum WriterEvent {
+    /// A commit found this lease taken over: stop reading the shard.
+    LeaseLost {
+        shard_id: String,
+        lease_counter: i64,
+    },
+    /// A commit marked the shard ended (and freed its lease).
+    ShardEnded { shard_id: String },
+}
+
+/// Why a writer stopped for good: only errors a person must fix.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Connect(#[from] db::ConnectError),
+    #[error("writer {index}: {error}")]
+    Sink { index: usize, error: SinkError },
+}
+
+pub struct Writer {
+    /// Position among the writers, for logs.
+    pub index: usize,
+    pub stream: String,
+    pub worker: String,
+    pub database: DatabaseConfig,
+    pub policy: FlushPolicy,
+    pub chunks: mpsc::Receiver<Chunk>,
+    pub events: mpsc::UnboundedSender<WriterEvent>,
+    /// This writer's connection; None until first needed or after it broke.
+    pub client: Option<Client>,
+    pub batch: Batch,
+    pub cache: SeriesCache,
+    /// Leases found lost: chunks read under them are dropped.
+    pub lost: HashSet<(String, i64)>,
+}
+
+impl Writer {
+    /// Runs until every sender of its channel is gone, then commits what is left.
+    pub async fn run(mut self) -> Result<(), WriterError> {
+        loop {
+            let deadline = self.batch.deadline(&self.policy);
+            // Evaluated even when disabled, so it must not be None.
+            let wake = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                chunk = self.chunks.recv() => match chunk {
+                    Some(chunk) => {
+                        self.add(chunk).await?;
+                        if self.batch.is_due(&self.policy, Instant::now()) {
+                            self.flush().await?;
+                        }
+                    }
+                    None => {
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                },
+                () = tokio::time::sleep_until(wake.into()), if deadline.is_some() => self.flush().await?,
+            }
+        }
+    }
+
+    /// Puts a chunk into the batch, creating its new series first.
+    async fn add(&mut self, chunk: Chunk) -> Result<(), WriterError> {
+        if self
+            .lost
+            .contains(&(chunk.shard_id.clone(), chunk.lease_counter))
+        {
+            return Ok(());
+        }
+        let readings = chunk
+            .items
+            .iter()
+            .filter_map(|item| item.decoded.as_ref().ok());
+        let missing = missing_series(readings, &mut self.cache);
+        if !missing.is_empty() {
+            let mut backoff = Backoff::database();
+            loop {
+                self.connect_if_needed().await?;
+                let client = self.client.as_ref().expect("connected");
+                match resolve_series(client, &missing, &mut self.cache).await {
+                    Ok(()) => break,
+                    Err(error) => self.retry_or_fail(error, &mut backoff).await?,
+                }
+            }
+            metrics::counter!(m::SERIES_CREATED).increment(missing.len() as u64);
+        }
+
+        let segment = self
+            .batch
+            .segment(&chunk.shard_id, chunk.lease_counter, Instant::now());
+        for item in &chunk.items {
+            match &item.decoded {
+                Ok(reading) => segment
+                    .add_reading(reading, &mut self.cache)
+                    .expect("every series of the chunk was just resolved"),
+                Err(error) => {
+                    metrics::counter!(m::DEAD_LETTERS, "reason" => error.kind()).increment(1);
+                    tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, %error, "dead letter");
+                    segment.add_dead_letter(&self.stream, &item.sequence_number, error, &item.raw);
+                }
+            }
+            segment.advance(&item.sequence_number);
+        }
+        segment.ended |= chunk.end_of_shard;
+        Ok(())
+    }
+
+    /// Commits the batch; on lost leases drops those shards and commits the
+    /// rest; on errors that may pass, retries the same bytes until they do.
+    async fn flush(&mut self) -> Result<(), WriterError> {
+        let mut segments: Vec<SealedSegment> =
+            self.batch.take().into_iter().map(|s| s.seal()).collect();
+        let mut backoff = Backoff::database();
+        while !segments.is_empty() {
+            let started = Instant::now();
+            self.connect_if_needed().await?;
+            let client = self.client.as_mut().expect("connected");
+            match write_batch(client, &self.stream, &self.worker, &segments).await {
+                Ok(Outcome::Committed) => {
+                    record_commit(&segments, started.elapsed());
+                    for segment in segments.iter().filter(|s| s.ended) {
+                        let _ = self.events.send(WriterEvent::ShardEnded {
+                            shard_id: segment.shard_id.clone(),
+                        });
+                    }
+                    return Ok(());
+                }
+                Ok(Outcome::LeasesLost(lost)) => {
+                    for shard_id in lost {
+                        let counters: Vec<i64> = segments
+                            .iter()
+                            .filter(|s| s.shard_id == shard_id)
+                            .map(|s| s.lease_counter)
+                            .collect();
+                        segments.retain(|s| s.shard_id != shard_id);
+                        for lease_counter in counters {
+                            tracing::info!(shard = %shard_id, lease_counter, "lease lost to another worker; dropping its rows");
+                            metrics::counter!(m::LEASES_LOST).increment(1);
+                            self.lost.insert((shard_id.clone(), lease_counter));
+                            let _ = self.events.send(WriterEvent::LeaseLost {
+                                shard_id: shard_id.clone(),
+                                lease_counter,
+                            });
+                        }
+                    }
+                }
+                Err(error) => self.retry_or_fail(error, &mut backoff).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits before a retry, dropping the connection when it is gone or the
+    /// server is no longer the primary; errors nobody can retry end the writer.
+    async fn retry_or_fail(
+        &mut self,
+        error: SinkError,
+        backoff: &mut Backoff,
+    ) -> Result<(), WriterError> {
+        if !error.is_retriable() {
+            return Err(WriterError::Sink {
+                index: self.index,
+                error,
+            });
+        }
+        if error.is_not_primary() {
+            self.client = None;
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(writer = self.index, %error, retry_in = ?delay, "batch not written; retrying");
+        metrics::counter!(m::RETRIES, "cause" => error.cause()).increment(1);
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// Opens the connection if there is none or it broke, with backoff
+    /// while the server cannot be reached.
+    async fn connect_if_needed(&mut self) -> Result<(), WriterError> {
+        let mut backoff = Backoff::database();
+        loop {
+            if self
+                .client
+                .as_ref()
+                .is_some_and(|client| !client.is_closed())
+            {
+                return Ok(());
+            }
+            match db::connect(&self.database).await {
+                Ok(client) => self.client = Some(client),
+                Err(error) if error.retriable => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(writer = self.index, %error, retry_in = ?delay, "database unreachable; retrying");
+                    metrics::counter!(m::RETRIES, "cause" => "database_unavailable").increment(1);
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+fn record_commit(segments: &[SealedSegment], took: Duration) {
+    let (mut samples, mut events, mut dead, mut bytes) = (0, 0, 0, 0);
+    for segment in segments {
+        samples += segment.rows.0;
+        events += segment.rows.1;
+        dead += segment.rows.2;
+        bytes += segment.samples.len() + segment.events.len() + segment.dead_letters.len();
+    }
+    metrics::counter!(m::ROWS_WRITTEN, "table" => "samples").increment(samples as u64);
+    metrics::counter!(m::ROWS_WRITTEN, "table" => "events").increment(events as u64);
+    metrics::counter!(m::ROWS_WRITTEN, "table" => "dead_letters").increment(dead as u64);
+    metrics::counter!(m::COPY_BYTES_WRITTEN).increment(bytes as u64);
+    metrics::counter!(m::BATCHES).increment(1);
+    metrics::histogram!(m::BATCH_ROWS).record((samples + events + dead) as f64);
+    metrics::histogram!(m::BATCH_COMMIT_SECONDS).record(took.as_secs_f64());
+}

@@ -1,0 +1,36 @@
+//! Kinesis, the pipeline's source: list a stream's shards, read each shard
+//! in order, and (for provisioning, the loadgen and tests) create streams,
+//! reshard them and put records.
+//!
+//! The only module of the project that knows AWS Kinesis types: none appears
+//! in its public API, so the rest of the pipeline sees [`Record`],
+//! [`ShardInfo`] and [`SourceError`] only.
+//!
+//! - `client.rs`: [`KinesisSource`], built from the standard AWS
+//!   configuration; lists shards.
+//! - `reader.rs`: [`ShardReader`], one shard in order, paced, self-healing.
+//! - `put.rs`: PutRecords in chunks, failed entries retried.
+//! - `admin.rs`: create, delete, split, merge; wait until ACTIVE.
+//! - `record.rs`: the plain values ([`Record`], [`ShardInfo`], ...).
+//! - `error.rs`, `classify.rs`: [`SourceError`], and which SDK errors map to
+//!   which of its kinds (retriable or not).
+//! - `retry.rs`: the retry loop and its counters; delays come from the
+//!   crate's [`Backoff`](crate::backoff::Backoff).
+//!
+//! Retries are ours, not the SDK's (turned off in the client): each one is
+//! logged at warn with its cause and counted in a [`RetryCounts`].
+
+mod admin;
+mod classify;
+mod client;
+mod error;
+mod put;
+mod reader;
+mod record;
+mod retry;
+
+pub use client::KinesisSource;
+pub use error::{Call, SourceError};
+pub use reader::{ReaderOptions, ShardReader};
+pub use record::{Fetched, Record, ShardInfo, StartPosition};
+pub use retry::RetryCounts;

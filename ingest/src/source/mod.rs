@@ -1,0 +1,3 @@
+//! Where records come from. Only [`kinesis`] knows AWS Kinesis types.
+
+pub mod kinesis;
