@@ -1,6 +1,8 @@
 //! A shard task: reads one leased shard in order, decodes, and hands chunks
 //! to its writer, waiting (and so not polling) while the writer is full.
 
+use std::collections::HashMap;
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +51,14 @@ impl ShardTask {
     }
 
     async fn read(&mut self, mut reader: ShardReader) -> Result<(), String> {
+        let mut retries_reported = HashMap::new();
         loop {
             let fetched = tokio::select! {
                 () = self.stop.cancelled() => return Ok(()),
-                fetched = reader.next() => fetched.map_err(|e| e.to_string())?,
+                fetched = reader.next() => fetched,
             };
+            report_retries(&reader, &mut retries_reported);
+            let fetched = fetched.map_err(|e| e.to_string())?;
             let chunk = match fetched {
                 Fetched::Records {
                     records,
@@ -90,6 +95,17 @@ impl ShardTask {
                 tracing::info!(shard = %self.shard_id, "read the shard to its end");
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Adds the reader's retries since the last report to `ingest_retries_total`
+/// (the reader keeps running totals per cause).
+fn report_retries(reader: &ShardReader, reported: &mut HashMap<&'static str, u64>) {
+    for (cause, total) in reader.retries().snapshot() {
+        let before = reported.insert(cause, total).unwrap_or(0);
+        if total > before {
+            metrics::counter!(m::RETRIES, "cause" => cause).increment(total - before);
         }
     }
 }
