@@ -63,6 +63,13 @@ pub static MIGRATIONS: &[Migration] = &[
         postgres: include_str!("../migrations/0004_partitions.postgres.sql"),
         timescaledb: include_str!("../migrations/0004_partitions.timescaledb.sql"),
     },
+    Migration {
+        version: 5,
+        name: "lease lag",
+        common: include_str!("../migrations/0005_lease_lag.sql"),
+        postgres: "",
+        timescaledb: "",
+    },
 ];
 
 #[cfg(test)]

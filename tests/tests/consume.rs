@@ -246,3 +246,70 @@ async fn bad_records_become_dead_letters_and_good_ones_land() {
     assert!(worker.is_running(), "bad input stopped the worker");
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_shards_owners_checkpoints_and_workers() {
+    let db = migrated("consume_status").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("status", 2).await;
+    let put = records(10, 200, TS);
+    source.put_records(&put).await.unwrap();
+    let _worker = ConsumerProcess::start(&db.url, &stream, "status-w1", &[]);
+    assert_eq!(
+        wait_for_count(&client, SAMPLES, put.len() as i64, LAND_WITHIN).await,
+        put.len() as i64
+    );
+
+    let output = tests::run_ingest(
+        &["status", "--stream", &stream, "--database-url", &db.url],
+        &[],
+    );
+    let (stdout, stderr) = tests::text(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(&format!(
+            "stream {stream}: 2 shards (2 open, 0 ended), 1 live workers"
+        )),
+        "{stdout}"
+    );
+    for shard in ["shardId-000000000000", "shardId-000000000001"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(shard))
+            .unwrap_or_else(|| panic!("no {shard} in {stdout}"));
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[1], "status-w1", "owner: {line}");
+        assert!(cells[3].contains('…'), "an abbreviated checkpoint: {line}");
+        assert_eq!(cells[5], "no", "not ended: {line}");
+        assert_eq!(
+            cells[6..8],
+            ["0", "ms"],
+            "kinesalite is never behind: {line}"
+        );
+    }
+    let worker = stdout
+        .lines()
+        .find(|l| l.starts_with("status-w1"))
+        .expect("the worker's row");
+    assert!(
+        worker.trim_end().ends_with(" 2"),
+        "the worker holds 2 leases: {worker}"
+    );
+
+    let unknown = tests::run_ingest(
+        &[
+            "status",
+            "--stream",
+            "no-such-stream",
+            "--database-url",
+            &db.url,
+        ],
+        &[],
+    );
+    let (stdout, _) = tests::text(&unknown);
+    assert!(
+        unknown.status.success() && stdout.contains("no consumer has started on this stream yet"),
+        "{stdout}"
+    );
+    db.drop().await;
+}

@@ -525,7 +525,7 @@ async fn the_database_url_falls_back_to_database_url() {
 
 #[tokio::test]
 async fn commands_not_built_yet_say_so_and_fail() {
-    for command in ["gateway", "provision", "status"] {
+    for command in ["gateway", "provision"] {
         let output = run_ingest(&[command], &[]);
         let (stdout, stderr) = text(&output);
         assert!(

@@ -21,6 +21,8 @@ pub struct Segment {
     pub last_sequence: Option<String>,
     /// The shard was read to its end: the lease is marked ended on commit.
     pub ended: bool,
+    /// How far behind the shard's tip the latest records were read.
+    pub millis_behind_latest: Option<i64>,
     /// Records taken in (good and dead).
     pub records: usize,
     /// Tuples for telemetry.samples (time, series_id, value).
@@ -47,6 +49,7 @@ impl Segment {
             lease_counter,
             last_sequence: None,
             ended: false,
+            millis_behind_latest: None,
             records: 0,
             samples: BytesMut::new(),
             sample_rows: 0,
@@ -139,6 +142,7 @@ impl Segment {
             lease_counter: self.lease_counter,
             last_sequence: self.last_sequence,
             ended: self.ended,
+            millis_behind_latest: self.millis_behind_latest,
             records: self.records,
             rows,
             samples: self.samples.freeze(),
@@ -159,6 +163,8 @@ pub struct SealedSegment {
     pub last_sequence: Option<String>,
     /// Mark the lease ended on commit.
     pub ended: bool,
+    /// Recorded with the checkpoint, for `ingest status`.
+    pub millis_behind_latest: Option<i64>,
     /// Records in the segment.
     pub records: usize,
     /// Rows in (samples, events, dead letters).

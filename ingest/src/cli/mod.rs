@@ -5,6 +5,7 @@ mod consume;
 mod database;
 mod migrate;
 mod planned;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ pub enum Command {
     Consume(consume::ConsumeArgs),
     Gateway(planned::GatewayArgs),
     Provision(planned::ProvisionArgs),
-    Status(planned::StatusArgs),
+    Status(status::StatusArgs),
 }
 
 /// The optional TOML config file: one section per component.
@@ -102,6 +103,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(args, file).await,
         Command::Gateway(_) => planned::not_built("gateway", 4),
         Command::Provision(_) => planned::not_built("provision", 4),
-        Command::Status(_) => planned::not_built("status", 3),
+        Command::Status(args) => status::run(args, file).await,
     }
 }

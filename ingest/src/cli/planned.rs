@@ -13,11 +13,6 @@ pub struct GatewayArgs {}
 #[derive(Debug, Args)]
 pub struct ProvisionArgs {}
 
-/// Show the shards of a stream with their owners, checkpoints and lag, and the
-/// workers with their heartbeats. (Not built yet.)
-#[derive(Debug, Args)]
-pub struct StatusArgs {}
-
 pub fn not_built(command: &str, issue: u32) -> anyhow::Result<()> {
     anyhow::bail!(
         "`ingest {command}` is not built yet (tracked in issue #{issue}); nothing was done"

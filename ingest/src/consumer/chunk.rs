@@ -14,6 +14,8 @@ pub struct Chunk {
     pub items: Vec<Item>,
     /// The shard was read to its end: after these items there are no more.
     pub end_of_shard: bool,
+    /// How far behind the shard's tip this read was, when Kinesis said.
+    pub millis_behind_latest: Option<i64>,
 }
 
 /// One record, decoded or with the reason it could not be.

@@ -77,6 +77,7 @@ impl ShardTask {
                         lease_counter: self.lease_counter,
                         items: decode_records(&mut self.decoder, records),
                         end_of_shard: false,
+                        millis_behind_latest,
                     }
                 }
                 Fetched::EndOfShard => Chunk {
@@ -84,6 +85,7 @@ impl ShardTask {
                     lease_counter: self.lease_counter,
                     items: Vec::new(),
                     end_of_shard: true,
+                    millis_behind_latest: Some(0),
                 },
             };
             let end = chunk.end_of_shard;

@@ -121,6 +121,9 @@ impl Writer {
             segment.advance(&item.sequence_number);
         }
         segment.ended |= chunk.end_of_shard;
+        if chunk.millis_behind_latest.is_some() {
+            segment.millis_behind_latest = chunk.millis_behind_latest;
+        }
         Ok(())
     }
 

@@ -2,10 +2,12 @@
 //!
 //! - [`balance`]: how many shards a worker should hold and when to take one
 //!   from another worker. Pure.
+//! - [`status`]: what `ingest status` shows.
 //! - [`store`]: the SQL on `ingest.shard_leases` and `ingest.workers`. All
 //!   time comparisons use the database's clock, so workers' clocks may differ.
 
 pub mod balance;
+pub mod status;
 pub mod store;
 
 pub use balance::{Fleet, Move, plan, target};

@@ -42,21 +42,26 @@ pub async fn write_batch(
         .map(|s| s.last_sequence.as_deref())
         .collect();
     let ended: Vec<bool> = segments.iter().map(|s| s.ended).collect();
+    let behind: Vec<Option<i64>> = segments.iter().map(|s| s.millis_behind_latest).collect();
     let moved = transaction
         .query(
             "UPDATE ingest.shard_leases l
              SET checkpoint = coalesce(v.seq, l.checkpoint),
                  ended = l.ended OR v.ended,
+                 millis_behind_latest = coalesce(v.behind, l.millis_behind_latest),
                  -- An ended shard has nothing more to read: free its lease.
                  owner = CASE WHEN v.ended THEN NULL ELSE l.owner END,
                  expires_at = CASE WHEN v.ended THEN NULL ELSE l.expires_at END,
                  updated_at = now()
-             FROM unnest($3::text[], $4::int8[], $5::text[], $6::bool[]) AS v(shard_id, counter, seq, ended)
+             FROM unnest($3::text[], $4::int8[], $5::text[], $6::bool[], $7::int8[])
+                  AS v(shard_id, counter, seq, ended, behind)
              WHERE l.stream = $1 AND l.shard_id = v.shard_id
                AND l.owner = $2 AND l.lease_counter = v.counter
                AND (v.seq IS NULL OR l.checkpoint IS NULL OR l.checkpoint::numeric < v.seq::numeric)
              RETURNING l.shard_id",
-            &[&stream, &owner, &shard_ids, &counters, &sequences, &ended],
+            &[
+                &stream, &owner, &shard_ids, &counters, &sequences, &ended, &behind,
+            ],
         )
         .await
         .map_err(SinkError::during("moving checkpoints"))?;
