@@ -63,16 +63,11 @@ impl ConsumerProcess {
         extra: &[&str],
     ) -> ConsumerProcess {
         let mut command = Command::new(ingest_bin());
+        command.args(["consume", "--stream", stream, "--worker-id", worker_id]);
+        if !extra.contains(&"--metrics-addr") {
+            command.args(["--metrics-addr", "off"]);
+        }
         command
-            .args([
-                "consume",
-                "--stream",
-                stream,
-                "--worker-id",
-                worker_id,
-                "--metrics-addr",
-                "off",
-            ])
             .args([
                 "--lease-ttl",
                 "3s",

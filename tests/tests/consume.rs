@@ -313,3 +313,54 @@ async fn status_shows_shards_owners_checkpoints_and_workers() {
     );
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_health_and_readiness_are_served() {
+    let db = migrated("consume_metrics").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("metrics", 1).await;
+    let mut put = records(5, 100, TS);
+    put.push(("bad".to_string(), bytes::Bytes::from_static(b"{not json")));
+    source.put_records(&put).await.unwrap();
+    let port = tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _worker =
+        ConsumerProcess::start(&db.url, &stream, "metrics-w1", &["--metrics-addr", &addr]);
+    assert_eq!(
+        wait_for_count(&client, SAMPLES, 100, LAND_WITHIN).await,
+        100
+    );
+
+    // The counters are updated right after the commit the test just saw.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = tests::http_get(port, "/metrics").expect("/metrics answers");
+        assert_eq!(status, 200);
+        if body.contains("ingest_rows_written_total{table=\"samples\"} 100")
+            || std::time::Instant::now() > deadline
+        {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for expected in [
+        "ingest_records_read_total{shard=\"shardId-000000000000\"} 101",
+        "ingest_rows_written_total{table=\"samples\"} 100",
+        "ingest_rows_written_total{table=\"dead_letters\"} 1",
+        "ingest_dead_letters_total{reason=\"invalid_json\"} 1",
+        "ingest_millis_behind_latest{shard=\"shardId-000000000000\"} 0",
+        "ingest_leases_held 1",
+        "ingest_batch_rows_bucket",
+        "ingest_batch_commit_seconds_bucket",
+        "ingest_batches_total",
+        "ingest_series_created_total 5",
+    ] {
+        assert!(
+            body.contains(expected),
+            "/metrics lacks {expected:?}:\n{body}"
+        );
+    }
+    assert_eq!(tests::http_get(port, "/healthz").unwrap().0, 200);
+    assert_eq!(tests::http_get(port, "/readyz").unwrap().0, 200);
+    db.drop().await;
+}
