@@ -13,6 +13,13 @@ pub struct Backoff {
     seed: u64,
 }
 
+impl Default for Backoff {
+    /// 100 ms doubling to 5 s: quick after a blip, gentle on a long outage.
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
         let seed = std::time::SystemTime::now()
@@ -25,11 +32,6 @@ impl Backoff {
             current: initial,
             seed,
         }
-    }
-
-    /// The usual backoff for database retries: 100 ms doubling to 5 s.
-    pub fn database() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(5))
     }
 
     /// The next delay to wait.

@@ -30,3 +30,7 @@ pub const LEASES_LOST: &str = "ingest_leases_lost_total";
 pub const RETRIES: &str = "ingest_retries_total";
 /// New series created.
 pub const SERIES_CREATED: &str = "ingest_series_created_total";
+/// Failed lookups of the database's Consul name (each is retried).
+pub const DNS_FAILURES: &str = "ingest_dns_failures_total";
+/// Times the pooled connections were dropped because the primary moved or went away.
+pub const PRIMARY_LOST: &str = "ingest_database_primary_lost_total";

@@ -62,6 +62,28 @@ impl ConsumerProcess {
         worker_id: &str,
         extra: &[&str],
     ) -> ConsumerProcess {
+        Self::spawn(database_url, stream, worker_id, extra, Stdio::inherit())
+    }
+
+    /// Like `start`, with the worker's log written to `log` for the test to read.
+    pub fn start_logged(
+        database_url: &str,
+        stream: &str,
+        worker_id: &str,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> ConsumerProcess {
+        let file = std::fs::File::create(log).expect("the log file");
+        Self::spawn(database_url, stream, worker_id, extra, Stdio::from(file))
+    }
+
+    fn spawn(
+        database_url: &str,
+        stream: &str,
+        worker_id: &str,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> ConsumerProcess {
         let mut command = Command::new(ingest_bin());
         command.args(["consume", "--stream", stream, "--worker-id", worker_id]);
         if !extra.contains(&"--metrics-addr") {
@@ -82,7 +104,7 @@ impl ConsumerProcess {
             .env("INGEST_DATABASE_URL", database_url)
             .env("RUST_LOG", "info,tokio_postgres=warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         let child = command.spawn().expect("ingest consume starts");
         ConsumerProcess {
             child,

@@ -5,6 +5,7 @@
 //! message saying how to start it (`dev/stack up`); it never passes by skipping.
 
 pub mod consumer;
+pub mod failover;
 pub mod proxy;
 
 use std::path::PathBuf;

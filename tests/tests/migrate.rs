@@ -613,3 +613,62 @@ async fn timescaledb_path_when_a_server_is_given() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_password_comes_from_a_file_or_the_environment_and_is_never_shown() {
+    let db = TestDb::create("migrate_password_sources").await;
+    let without_password = with_credentials(&db.url, "ingest", "wrong-in-url");
+    let file = std::env::temp_dir().join(format!("ingest-password-{}", std::process::id()));
+    // A mounted Kubernetes secret ends with a newline; it is not part of the password.
+    std::fs::write(&file, "ingest\n").unwrap();
+    let output = run_ingest(
+        &[
+            "migrate",
+            "--dry-run",
+            "--database-url",
+            &without_password,
+            "--database-password-file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "from a file: {stdout}{stderr}");
+    assert!(
+        !stdout.contains("wrong-in-url") && !stdout.contains(":ingest@"),
+        "{stdout}"
+    );
+
+    let output = run_ingest(
+        &["migrate", "--dry-run", "--database-url", &without_password],
+        &[("INGEST_DATABASE_PASSWORD", "ingest")],
+    );
+    let (stdout, stderr) = text(&output);
+    assert!(
+        output.status.success(),
+        "from the environment: {stdout}{stderr}"
+    );
+
+    std::fs::write(&file, "not-it\n").unwrap();
+    let output = run_ingest(
+        &[
+            "migrate",
+            "--dry-run",
+            "--database-url",
+            &without_password,
+            "--database-password-file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (stdout, stderr) = text(&output);
+    assert_one_line_error(
+        output.status.success(),
+        &stdout,
+        &stderr,
+        "password authentication failed",
+    );
+    assert!(!stderr.contains("not-it"), "{stderr}");
+    std::fs::remove_file(&file).unwrap();
+    db.drop().await;
+}

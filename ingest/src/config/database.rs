@@ -1,6 +1,8 @@
 //! Where the database is and how long to wait for it.
 
+use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::ConfigError;
@@ -17,6 +19,10 @@ pub struct DatabaseConfig {
     pub display: String,
     /// How long to wait for the server to accept a connection.
     pub connect_timeout: Duration,
+    /// The Consul DNS server that resolves a `.consul` host.
+    pub consul_dns: Option<SocketAddr>,
+    /// TLS with certificate and host name verification; None: no TLS.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -25,6 +31,8 @@ impl std::fmt::Debug for DatabaseConfig {
         f.debug_struct("DatabaseConfig")
             .field("url", &self.display)
             .field("connect_timeout", &self.connect_timeout)
+            .field("consul_dns", &self.consul_dns)
+            .field("tls", &self.tls.as_ref().map(|_| "verify-full"))
             .finish()
     }
 }
@@ -48,11 +56,38 @@ impl DatabaseConfig {
         }
         postgres.connect_timeout(connect_timeout);
         postgres.application_name("ingest");
+        // A primary that vanishes without closing its sockets is noticed
+        // within a minute instead of the kernel's two hours.
+        postgres.keepalives_idle(Duration::from_secs(15));
+        postgres.tcp_user_timeout(Duration::from_secs(30));
         Ok(DatabaseConfig {
             postgres,
             display,
             connect_timeout,
+            consul_dns: None,
+            tls: None,
         })
+    }
+
+    /// Connects with TLS only, verifying the server's certificate with `tls`.
+    pub fn with_tls(mut self, tls: Arc<rustls::ClientConfig>) -> Self {
+        self.postgres
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Resolves `.consul` hosts through the DNS server at `server`.
+    pub fn with_consul_dns(mut self, server: SocketAddr) -> Self {
+        self.consul_dns = Some(server);
+        self
+    }
+
+    /// Uses `password` instead of any password in the URL (from the
+    /// environment or a mounted secret file, so that it never sits in a URL).
+    pub fn with_password(mut self, password: &str) -> Self {
+        self.postgres.password(password);
+        self
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod database;
 mod duration;
+pub mod tls;
 
 pub use database::{DatabaseConfig, LOCAL_DATABASE_URL};
 pub use duration::{parse_duration, parse_optional_duration};

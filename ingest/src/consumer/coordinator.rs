@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::ConsumerConfig;
@@ -15,7 +14,7 @@ use super::chunk::Chunk;
 use super::shard::{ShardStopped, ShardTask};
 use super::writer::{Writer, WriterError, WriterEvent};
 use crate::batch::{Batch, SeriesCache};
-use crate::db;
+use crate::db::{self, Database};
 use crate::decode::Decoder;
 use crate::lease::{HeldLease, LeaseStore, Move, plan};
 use crate::metrics as m;
@@ -48,7 +47,8 @@ struct Coordinator {
     config: ConsumerConfig,
     source: KinesisSource,
     store: LeaseStore,
-    client: Client,
+    /// Connections for the coordinator and the writers.
+    database: Database,
     storage: schema::Storage,
     /// The shard list as last read, for parents and start positions.
     shards: HashMap<String, ShardInfo>,
@@ -73,10 +73,16 @@ pub async fn run(
     readiness: Arc<Readiness>,
 ) -> Result<(), ConsumerError> {
     let source = KinesisSource::from_env(&config.stream).await?;
-    let client = db::connect(&config.database).await?;
-    let storage = schema::recorded_storage(&client)
-        .await?
-        .ok_or(ConsumerError::NotMigrated)?;
+    // One connection per writer, one for the coordinator, one spare.
+    let database = Database::new(config.database.clone(), config.writers + 2);
+    // Wait for a database that is not there yet (DNS failing, starting up);
+    // fail at once on what a person must fix (credentials, no such database).
+    let storage = {
+        let client = database.get_retrying().await?;
+        schema::recorded_storage(&client)
+            .await?
+            .ok_or(ConsumerError::NotMigrated)?
+    };
     let store = LeaseStore {
         stream: config.stream.clone(),
         worker: config.worker_id.clone(),
@@ -93,11 +99,11 @@ pub async fn run(
             index,
             stream: config.stream.clone(),
             worker: config.worker_id.clone(),
-            database: config.database.clone(),
+            database: database.clone(),
             policy: config.flush,
             chunks,
             events: events_tx.clone(),
-            client: None,
+
             batch: Batch::new(),
             cache: SeriesCache::default(),
             lost: Default::default(),
@@ -111,7 +117,7 @@ pub async fn run(
         config,
         source,
         store,
-        client,
+        database,
         storage,
         shards: HashMap::new(),
         running: HashMap::new(),
@@ -159,24 +165,23 @@ impl Coordinator {
         if let Err(error) = result {
             tracing::warn!(%error, "lease round failed; trying again next round");
             metrics::counter!(m::RETRIES, "cause" => "lease_round").increment(1);
-            if self.client.is_closed() {
-                match db::connect(&self.config.database).await {
-                    Ok(client) => self.client = client,
-                    Err(error) => tracing::warn!(%error, "cannot reconnect yet"),
-                }
+            if matches!(&error, RoundError::Sink(e) if e.is_not_primary()) {
+                self.database.forget_all();
             }
         }
         metrics::gauge!(m::LEASES_HELD).set(self.running.len() as f64);
     }
 
     async fn try_round(&mut self) -> Result<(), RoundError> {
+        let connection = self.database.get().await?;
+        let client: &tokio_postgres::Client = &connection;
         if self.sync_due || self.last_sync.elapsed() >= self.config.shard_sync_interval {
             let shards = self.source.list_shards().await?;
             let rows: Vec<(String, Vec<String>)> = shards
                 .iter()
                 .map(|s| (s.shard_id.clone(), s.parent_shard_ids.clone()))
                 .collect();
-            let added = self.store.sync_shards(&self.client, &rows).await?;
+            let added = self.store.sync_shards(client, &rows).await?;
             if added > 0 {
                 tracing::info!(added, "new shards in the lease table");
             }
@@ -188,7 +193,7 @@ impl Coordinator {
             self.last_sync = Instant::now();
         }
 
-        self.store.heartbeat(&self.client).await?;
+        self.store.heartbeat(client).await?;
         let held: Vec<HeldLease> = self
             .running
             .iter()
@@ -198,21 +203,21 @@ impl Coordinator {
                 checkpoint: None,
             })
             .collect();
-        let still_held = self.store.renew(&self.client, &held).await?;
+        let still_held = self.store.renew(client, &held).await?;
         for lease in held.iter().filter(|l| !still_held.contains(&l.shard_id)) {
             tracing::info!(shard = %lease.shard_id, "lease no longer ours (taken over or shard ended)");
             self.stop_shard(&lease.shard_id, lease.counter);
         }
 
-        let fleet = self.store.fleet(&self.client).await?;
+        let fleet = self.store.fleet(client).await?;
         match plan(&self.config.worker_id, self.running.len(), &fleet) {
             Move::Acquire(count) => {
-                for lease in self.store.acquire(&self.client, count).await? {
+                for lease in self.store.acquire(client, count).await? {
                     self.start_shard(lease);
                 }
             }
             Move::Steal(victim) => {
-                if let Some(lease) = self.store.steal(&self.client, &victim).await? {
+                if let Some(lease) = self.store.steal(client, &victim).await? {
                     tracing::info!(shard = %lease.shard_id, from = %victim, "took a lease to balance the fleet");
                     metrics::counter!(m::LEASE_STEALS).increment(1);
                     self.start_shard(lease);
@@ -222,7 +227,7 @@ impl Coordinator {
         }
 
         if self.last_maintenance.elapsed() >= self.config.maintenance_interval {
-            schema::maintain(&self.client, self.storage).await?;
+            schema::maintain(client, self.storage).await?;
             self.last_maintenance = Instant::now();
         }
         Ok(())
@@ -343,7 +348,15 @@ impl Coordinator {
                 }
             }
         }
-        match self.store.release_all(&self.client).await {
+        let released = match self.database.get().await {
+            Ok(client) => self
+                .store
+                .release_all(&client)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match released {
             Ok(released) => tracing::info!(released, "leases released"),
             Err(error) => {
                 tracing::warn!(%error, "could not release the leases; they expire by themselves")
@@ -360,4 +373,6 @@ enum RoundError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Schema(#[from] schema::SchemaError),
+    #[error(transparent)]
+    Connect(#[from] db::ConnectError),
 }

@@ -5,13 +5,11 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
 
 use super::chunk::Chunk;
 use crate::backoff::Backoff;
 use crate::batch::{Batch, FlushPolicy, SealedSegment, SeriesCache, missing_series};
-use crate::config::DatabaseConfig;
-use crate::db;
+use crate::db::{self, Database};
 use crate::metrics as m;
 use crate::sink::postgres::{Outcome, SinkError, resolve_series, write_batch};
 
@@ -41,17 +39,21 @@ pub struct Writer {
     pub index: usize,
     pub stream: String,
     pub worker: String,
-    pub database: DatabaseConfig,
+    /// The pool this writer takes a connection from for each operation.
+    pub database: Database,
     pub policy: FlushPolicy,
     pub chunks: mpsc::Receiver<Chunk>,
     pub events: mpsc::UnboundedSender<WriterEvent>,
-    /// This writer's connection; None until first needed or after it broke.
-    pub client: Option<Client>,
+
     pub batch: Batch,
     pub cache: SeriesCache,
     /// Leases found lost: chunks read under them are dropped.
     pub lost: HashSet<(String, i64)>,
 }
+
+/// Longest a batch transaction may take before its connection is given up
+/// for lost (a primary that vanished without closing its sockets).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Writer {
     /// Runs until every sender of its channel is gone, then commits what is left.
@@ -86,17 +88,35 @@ impl Writer {
         {
             return Ok(());
         }
+        // Two leases of one shard must never share a batch: the fenced
+        // update names shards, so it could not tell which lease failed and
+        // the batch would be retried forever. Counters only grow, so the
+        // older lease is the lost one: drop its rows (its reader was stopped
+        // when the newer lease was taken).
+        let other = self
+            .batch
+            .segments()
+            .iter()
+            .find(|s| s.shard_id == chunk.shard_id && s.lease_counter != chunk.lease_counter)
+            .map(|s| s.lease_counter);
+        if let Some(other) = other {
+            let older = other.min(chunk.lease_counter);
+            self.lost.insert((chunk.shard_id.clone(), older));
+            if older == chunk.lease_counter {
+                return Ok(());
+            }
+            self.batch.drop_lease(&chunk.shard_id, older);
+        }
         let readings = chunk
             .items
             .iter()
             .filter_map(|item| item.decoded.as_ref().ok());
         let missing = missing_series(readings, &mut self.cache);
         if !missing.is_empty() {
-            let mut backoff = Backoff::database();
+            let mut backoff = Backoff::default();
             loop {
-                self.connect_if_needed().await?;
-                let client = self.client.as_ref().expect("connected");
-                match resolve_series(client, &missing, &mut self.cache).await {
+                let connection = self.database.get_retrying().await?;
+                match resolve_series(&connection, &missing, &mut self.cache).await {
                     Ok(()) => break,
                     Err(error) => self.retry_or_fail(error, &mut backoff).await?,
                 }
@@ -132,12 +152,20 @@ impl Writer {
     async fn flush(&mut self) -> Result<(), WriterError> {
         let mut segments: Vec<SealedSegment> =
             self.batch.take().into_iter().map(|s| s.seal()).collect();
-        let mut backoff = Backoff::database();
+        let mut backoff = Backoff::default();
         while !segments.is_empty() {
             let started = Instant::now();
-            self.connect_if_needed().await?;
-            let client = self.client.as_mut().expect("connected");
-            match write_batch(client, &self.stream, &self.worker, &segments).await {
+            let mut connection = self.database.get_retrying().await?;
+            let written = tokio::time::timeout(
+                BATCH_TIMEOUT,
+                write_batch(&mut connection, &self.stream, &self.worker, &segments),
+            )
+            .await
+            .unwrap_or(Err(SinkError::TimedOut {
+                during: "writing the batch",
+            }));
+            drop(connection);
+            match written {
                 Ok(Outcome::Committed) => {
                     record_commit(&segments, started.elapsed());
                     for segment in segments.iter().filter(|s| s.ended) {
@@ -186,38 +214,14 @@ impl Writer {
             });
         }
         if error.is_not_primary() {
-            self.client = None;
+            // Every connection may point at the old primary: resolve anew.
+            self.database.forget_all();
         }
         let delay = backoff.next_delay();
         tracing::warn!(writer = self.index, %error, retry_in = ?delay, "batch not written; retrying");
         metrics::counter!(m::RETRIES, "cause" => error.cause()).increment(1);
         tokio::time::sleep(delay).await;
         Ok(())
-    }
-
-    /// Opens the connection if there is none or it broke, with backoff
-    /// while the server cannot be reached.
-    async fn connect_if_needed(&mut self) -> Result<(), WriterError> {
-        let mut backoff = Backoff::database();
-        loop {
-            if self
-                .client
-                .as_ref()
-                .is_some_and(|client| !client.is_closed())
-            {
-                return Ok(());
-            }
-            match db::connect(&self.database).await {
-                Ok(client) => self.client = Some(client),
-                Err(error) if error.retriable => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(writer = self.index, %error, retry_in = ?delay, "database unreachable; retrying");
-                    metrics::counter!(m::RETRIES, "cause" => "database_unavailable").increment(1);
-                    tokio::time::sleep(delay).await;
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
     }
 }
 

@@ -17,6 +17,9 @@ pub enum SinkError {
     /// open through three rounds of asking.
     #[error("{count} series are still missing after three rounds of creating them")]
     SeriesStillMissing { count: usize },
+    /// The server did not answer in time: treated like a lost connection.
+    #[error("{during}: no answer from the database in time")]
+    TimedOut { during: &'static str },
 }
 
 impl SinkError {
@@ -30,7 +33,7 @@ impl SinkError {
     /// The transaction was rolled back, so retrying writes nothing twice.
     pub fn is_retriable(&self) -> bool {
         let error = match self {
-            SinkError::SeriesStillMissing { .. } => return true,
+            SinkError::SeriesStillMissing { .. } | SinkError::TimedOut { .. } => return true,
             SinkError::Database { error, .. } => error,
         };
         if error.is_closed() {
@@ -53,8 +56,10 @@ impl SinkError {
     /// Whether the server went away or said it is not the primary any more,
     /// so that pooled connections should be dropped and the name resolved again.
     pub fn is_not_primary(&self) -> bool {
-        let SinkError::Database { error, .. } = self else {
-            return false;
+        let error = match self {
+            SinkError::TimedOut { .. } => return true,
+            SinkError::SeriesStillMissing { .. } => return false,
+            SinkError::Database { error, .. } => error,
         };
         error.is_closed()
             || error.code().is_none_or(|code| {

@@ -1,0 +1,250 @@
+//! A TCP proxy that can be cut and restored: the network between a process
+//! and a real service failing for real, not a mock of the service.
+//!
+//! [`TcpProxy::cut`] resets every open connection both ways (RST to the
+//! client and to the service, so the client sees "connection reset" and the
+//! service ends the session, rolling back its transaction) and closes the
+//! listening socket, so that new connections are refused.
+//! [`TcpProxy::restore`] listens again on the same address. The proxy runs
+//! on the calling test's tokio runtime; dropping it closes everything.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long [`TcpProxy::restore`] keeps trying to listen on its address again.
+const REBIND_WITHIN: Duration = Duration::from_secs(10);
+
+/// A proxy from an address of its own on 127.0.0.1 to `upstream`.
+#[derive(Debug)]
+pub struct TcpProxy {
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    /// The accept loop while the proxy is up; it owns the listening socket.
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Where connections go (host:port).
+    upstream: String,
+    /// Bumped by every cut: connections accepted before it are reset.
+    generation: watch::Sender<u64>,
+    /// Connections accepted, over the proxy's life.
+    accepted: AtomicU64,
+    /// Connections reset by a cut.
+    reset: AtomicU64,
+    /// Connections open now.
+    open: AtomicU64,
+}
+
+impl TcpProxy {
+    /// Starts a proxy to `upstream` (host:port) on 127.0.0.1, port chosen by the system.
+    pub async fn start(upstream: &str) -> TcpProxy {
+        let listener = listen("127.0.0.1:0".parse().expect("an address"))
+            .unwrap_or_else(|error| panic!("the proxy cannot listen on 127.0.0.1: {error}"));
+        let address = listener.local_addr().expect("a bound address");
+        let shared = Arc::new(Shared {
+            upstream: upstream.to_string(),
+            generation: watch::Sender::new(0),
+            accepted: AtomicU64::new(0),
+            reset: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+        });
+        let acceptor = tokio::spawn(accept(listener, shared.clone()));
+        TcpProxy {
+            address,
+            shared,
+            acceptor: Mutex::new(Some(acceptor)),
+        }
+    }
+
+    /// The proxy's own address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// `url` (scheme://[user[:password]@]host:port/...) with its host and
+    /// port replaced by the proxy's.
+    pub fn url_via(&self, url: &str) -> String {
+        let (start, end) = host_port_span(url);
+        format!("{}{}{}", &url[..start], self.address, &url[end..])
+    }
+
+    /// Resets every open connection both ways and refuses new ones, until
+    /// [`restore`](Self::restore). Returns once the listening socket is
+    /// closed and no connection is open.
+    pub async fn cut(&self) {
+        let acceptor = self.acceptor.lock().expect("not poisoned").take();
+        if let Some(acceptor) = acceptor {
+            acceptor.abort();
+            // The listening socket is closed when the aborted task is dropped.
+            let _ = acceptor.await;
+        }
+        self.shared
+            .generation
+            .send_modify(|generation| *generation += 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.shared.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy's connections did not close within 10 s of the cut"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Listens on the same address again and forwards new connections.
+    pub async fn restore(&self) {
+        let deadline = Instant::now() + REBIND_WITHIN;
+        let listener = loop {
+            match listen(self.address) {
+                Ok(listener) => break listener,
+                Err(error) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the proxy cannot listen on {} again: {error}",
+                        self.address
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let acceptor = tokio::spawn(accept(listener, self.shared.clone()));
+        let previous = self
+            .acceptor
+            .lock()
+            .expect("not poisoned")
+            .replace(acceptor);
+        assert!(previous.is_none(), "restore() of a proxy that was not cut");
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections reset by cuts so far.
+    pub fn reset(&self) -> u64 {
+        self.shared.reset.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        if let Some(acceptor) = self.acceptor.get_mut().ok().and_then(Option::take) {
+            acceptor.abort();
+        }
+        // Like a cut: every open connection is reset.
+        self.shared
+            .generation
+            .send_modify(|generation| *generation += 1);
+    }
+}
+
+/// A listening socket on `address`, reusable at once after it is closed.
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: try again shortly.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let born = *shared.generation.borrow();
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(relay(client, born, shared.clone()));
+    }
+}
+
+/// Copies both ways until either side closes or a cut comes.
+async fn relay(mut client: TcpStream, born: u64, shared: Arc<Shared>) {
+    let _open = OpenGuard(shared.clone());
+    let mut server = tokio::select! {
+        connected = TcpStream::connect(&shared.upstream) => match connected {
+            Ok(server) => server,
+            Err(_) => return reset(&shared, &[&client]),
+        },
+        () = cut_since(&shared, born) => return reset(&shared, &[&client]),
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    tokio::select! {
+        // One side closed: the other was told (FIN); nothing to reset.
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        () = cut_since(&shared, born) => reset(&shared, &[&client, &server]),
+    }
+}
+
+/// Returns once a cut came after generation `born`.
+async fn cut_since(shared: &Shared, born: u64) {
+    let mut generation = shared.generation.subscribe();
+    // The sender lives in `shared`, so this cannot fail.
+    let _ = generation.wait_for(|now| *now != born).await;
+}
+
+/// Makes the coming close of `streams` a reset (RST), not an orderly FIN.
+fn reset(shared: &Shared, streams: &[&TcpStream]) {
+    for stream in streams {
+        let _ = stream.set_zero_linger();
+    }
+    shared.reset.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Counts a connection as open while it lives.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Where host:port is in `url`: after `scheme://` and any `user:password@`,
+/// up to the next `/` or `?`.
+fn host_port_span(url: &str) -> (usize, usize) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[after_scheme..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| after_scheme + i);
+    let start = url[after_scheme..authority_end]
+        .rfind('@')
+        .map_or(after_scheme, |at| after_scheme + at + 1);
+    (start, authority_end)
+}
+
+/// The host:port of `url`.
+pub fn host_port(url: &str) -> String {
+    let (start, end) = host_port_span(url);
+    url[start..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_host_and_port_in_urls() {
+        let cases = [
+            ("postgres://u:p@127.0.0.1:15400/db", "127.0.0.1:15400"),
+            ("postgres://u@h:1/db?sslmode=disable", "h:1"),
+            ("postgres://h:2", "h:2"),
+            ("postgres://u:p@ss@h:3/db", "h:3"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(host_port(url), expected, "{url}");
+        }
+    }
+}
