@@ -176,7 +176,8 @@ pub struct FailoverCluster {
     pub primary: PgServer,
     pub standby: PgServer,
     pub dns: ConsulDns,
-    scratch: Scratch,
+    /// Held for its Drop: the folder goes after the servers stop.
+    _scratch: Scratch,
 }
 
 impl FailoverCluster {
@@ -222,7 +223,7 @@ impl FailoverCluster {
             primary,
             standby,
             dns,
-            scratch,
+            _scratch: scratch,
         }
     }
 
