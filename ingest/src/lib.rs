@@ -12,6 +12,7 @@
 //! The `ingest` binary (src/main.rs and src/cli/) parses flags, environment
 //! and the config file into these types; only it knows clap.
 
+pub mod archive;
 pub mod backoff;
 pub mod batch;
 pub mod config;

@@ -34,3 +34,9 @@ pub const SERIES_CREATED: &str = "ingest_series_created_total";
 pub const DNS_FAILURES: &str = "ingest_dns_failures_total";
 /// Times the pooled connections were dropped because the primary moved or went away.
 pub const PRIMARY_LOST: &str = "ingest_database_primary_lost_total";
+/// Records accepted by the Firehose archive.
+pub const ARCHIVE_RECORDS: &str = "ingest_archive_records_total";
+/// Bytes accepted by the Firehose archive.
+pub const ARCHIVE_BYTES: &str = "ingest_archive_bytes_total";
+/// Records too large for a Firehose record, not archived (kept as dead letters).
+pub const ARCHIVE_SKIPPED: &str = "ingest_archive_skipped_total";

@@ -62,7 +62,32 @@ impl ConsumerProcess {
         worker_id: &str,
         extra: &[&str],
     ) -> ConsumerProcess {
-        Self::spawn(database_url, stream, worker_id, extra, Stdio::inherit())
+        Self::spawn(
+            database_url,
+            stream,
+            worker_id,
+            extra,
+            &[],
+            Stdio::inherit(),
+        )
+    }
+
+    /// Like `start`, with extra environment variables (e.g. another AWS endpoint).
+    pub fn start_with_env(
+        database_url: &str,
+        stream: &str,
+        worker_id: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ConsumerProcess {
+        Self::spawn(
+            database_url,
+            stream,
+            worker_id,
+            extra,
+            env,
+            Stdio::inherit(),
+        )
     }
 
     /// Like `start`, with the worker's log written to `log` for the test to read.
@@ -74,7 +99,14 @@ impl ConsumerProcess {
         log: &std::path::Path,
     ) -> ConsumerProcess {
         let file = std::fs::File::create(log).expect("the log file");
-        Self::spawn(database_url, stream, worker_id, extra, Stdio::from(file))
+        Self::spawn(
+            database_url,
+            stream,
+            worker_id,
+            extra,
+            &[],
+            Stdio::from(file),
+        )
     }
 
     fn spawn(
@@ -82,6 +114,7 @@ impl ConsumerProcess {
         stream: &str,
         worker_id: &str,
         extra: &[&str],
+        env: &[(&str, &str)],
         stderr: Stdio,
     ) -> ConsumerProcess {
         let mut command = Command::new(ingest_bin());
@@ -102,6 +135,7 @@ impl ConsumerProcess {
             ])
             .args(extra)
             .env("INGEST_DATABASE_URL", database_url)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,tokio_postgres=warn")
             .stdout(Stdio::null())
             .stderr(stderr);

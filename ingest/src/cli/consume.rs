@@ -77,6 +77,11 @@ pub struct ConsumeArgs {
     /// How long a shutdown may take to commit what is in flight.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "20s")]
     shutdown_grace: String,
+    /// Archive every record's raw bytes to this Firehose delivery stream (to
+    /// S3, then Glacier). A shard's checkpoint moves only after the archive
+    /// and the database both accepted its records. [default: no archive]
+    #[arg(long, env = "INGEST_ARCHIVE_DELIVERY_STREAM", value_name = "NAME")]
+    archive_delivery_stream: Option<String>,
 }
 
 impl ConsumeArgs {
@@ -166,6 +171,7 @@ impl ConsumeArgs {
             maintenance_interval: Duration::from_secs(600),
             shutdown_grace: parse_duration("--shutdown-grace", &self.shutdown_grace)?,
             metrics_addr,
+            archive_delivery_stream: self.archive_delivery_stream.filter(|name| !name.is_empty()),
         })
     }
 }

@@ -38,4 +38,6 @@ pub struct ConsumerConfig {
     pub shutdown_grace: Duration,
     /// Where /metrics, /healthz and /readyz are served; None: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// The Firehose delivery stream raw records are archived to; None: no archive.
+    pub archive_delivery_stream: Option<String>,
 }

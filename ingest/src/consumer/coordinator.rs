@@ -13,6 +13,7 @@ use super::ConsumerConfig;
 use super::chunk::Chunk;
 use super::shard::{ShardStopped, ShardTask};
 use super::writer::{Writer, WriterError, WriterEvent};
+use crate::archive::Archive;
 use crate::batch::{Batch, SeriesCache};
 use crate::db::{self, Database};
 use crate::decode::Decoder;
@@ -31,6 +32,8 @@ pub enum ConsumerError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Writer(#[from] WriterError),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
     #[error("the database has no ingest schema: run `ingest migrate` first")]
     NotMigrated,
     #[error("{0}")]
@@ -63,6 +66,7 @@ struct Coordinator {
     last_maintenance: Instant,
     /// Set after each round: ready while the database and the stream answer.
     readiness: Arc<Readiness>,
+    archive: Option<Archive>,
 }
 
 /// Runs the consumer until `shutdown` is cancelled, then commits what is in
@@ -73,6 +77,10 @@ pub async fn run(
     readiness: Arc<Readiness>,
 ) -> Result<(), ConsumerError> {
     let source = KinesisSource::from_env(&config.stream).await?;
+    let archive = match &config.archive_delivery_stream {
+        Some(name) => Some(Archive::from_env(name).await?),
+        None => None,
+    };
     // One connection per writer, one for the coordinator, one spare.
     let database = Database::new(config.database.clone(), config.writers + 2);
     // Wait for a database that is not there yet (DNS failing, starting up);
@@ -128,6 +136,7 @@ pub async fn run(
         last_sync: now,
         last_maintenance: now,
         readiness,
+        archive,
     };
     tracing::info!(stream = %coordinator.config.stream, worker = %coordinator.config.worker_id, "consumer started");
 
@@ -267,6 +276,7 @@ impl Coordinator {
             source: self.source.clone(),
             start,
             options: self.config.reader.clone(),
+            archive: self.archive.clone(),
             decoder: Decoder::new(self.config.decode),
             chunks: self.writer_inputs[writer].clone(),
             stop: stop.clone(),

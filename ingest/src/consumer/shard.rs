@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::chunk::{Chunk, decode_records};
+use crate::archive::Archive;
 use crate::decode::Decoder;
 use crate::metrics as m;
 use crate::source::kinesis::{Fetched, KinesisSource, ReaderOptions, ShardReader, StartPosition};
@@ -27,6 +29,9 @@ pub struct ShardTask {
     /// Where reading starts: after the checkpoint, or the start position.
     pub start: StartPosition,
     pub options: ReaderOptions,
+    /// Where raw records go before they may reach the writer (and so before
+    /// their checkpoint can move); None: no archive.
+    pub archive: Option<Archive>,
     pub decoder: Decoder,
     pub chunks: mpsc::Sender<Chunk>,
     /// Cancelled when the lease is lost or the worker shuts down.
@@ -64,6 +69,13 @@ impl ShardTask {
                     records,
                     millis_behind_latest,
                 } => {
+                    if let Some(archive) = &self.archive {
+                        let raw: Vec<Bytes> = records.iter().map(|r| r.data.clone()).collect();
+                        tokio::select! {
+                            () = self.stop.cancelled() => return Ok(()),
+                            () = archive.put(&raw) => {}
+                        }
+                    }
                     let bytes: usize = records.iter().map(|r| r.data.len()).sum();
                     metrics::counter!(m::RECORDS_READ, "shard" => self.shard_id.clone())
                         .increment(records.len() as u64);
