@@ -2,8 +2,10 @@
 //!
 //! Free leases are taken up to that target. A worker below target with no
 //! free lease takes ONE lease per round from the most loaded worker, and only
-//! from one above target: moves stop once every worker is within target, so
-//! there are no storms and no ping-pong.
+//! when that worker holds at least two more than it does: a move always
+//! narrows the gap, so moves stop once no two workers differ by more than one
+//! (4 shards over 3 workers settle at 2, 1, 1 — from 2, 2, 0 too), with no
+//! storms and no ping-pong.
 
 use std::collections::BTreeMap;
 
@@ -52,7 +54,7 @@ pub fn plan(me: &str, held: usize, fleet: &Fleet) -> Move {
         .filter(|(owner, _)| owner.as_str() != me)
         .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
     match busiest {
-        Some((owner, &count)) if count > target => Move::Steal(owner.clone()),
+                Some((owner, &count)) if count >= held + 2 => Move::Steal(owner.clone()),
         _ => Move::Stay,
     }
 }
@@ -103,6 +105,9 @@ mod tests {
                 fleet(3, 4, 0, &[("a", 3), ("b", 1)]),
                 Move::Steal("a".into()),
             ),
+                        // Two at target and one with none: no one is above target, yet the
+            // gap of two is closed by one move.
+            ("c", 0, fleet(3, 4, 0, &[("a", 2), ("b", 2)]), Move::Steal("a".into())),
             // 2, 1, 1 of four shards is balanced: no ping-pong.
             (
                 "c",
