@@ -54,7 +54,7 @@ pub fn plan(me: &str, held: usize, fleet: &Fleet) -> Move {
         .filter(|(owner, _)| owner.as_str() != me)
         .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
     match busiest {
-                Some((owner, &count)) if count >= held + 2 => Move::Steal(owner.clone()),
+        Some((owner, &count)) if count >= held + 2 => Move::Steal(owner.clone()),
         _ => Move::Stay,
     }
 }
@@ -105,9 +105,14 @@ mod tests {
                 fleet(3, 4, 0, &[("a", 3), ("b", 1)]),
                 Move::Steal("a".into()),
             ),
-                        // Two at target and one with none: no one is above target, yet the
+            // Two at target and one with none: no one is above target, yet the
             // gap of two is closed by one move.
-            ("c", 0, fleet(3, 4, 0, &[("a", 2), ("b", 2)]), Move::Steal("a".into())),
+            (
+                "c",
+                0,
+                fleet(3, 4, 0, &[("a", 2), ("b", 2)]),
+                Move::Steal("a".into()),
+            ),
             // 2, 1, 1 of four shards is balanced: no ping-pong.
             (
                 "c",
