@@ -1,1 +1,21 @@
-//! Criterion benchmarks live in `benches/`; this library only gives the package a target.
+//! Support for the criterion benchmarks (`benches/*.rs`) and for
+//! `dev/measure-backlog`:
+//!
+//! - [`records`]: realistic telemetry records, canonical and flat, with
+//!   varying devices, times and values, and the series they name.
+//! - [`database`]: a fresh, migrated database of the local stack for the
+//!   sink benchmark, or a panic saying how to start the stack.
+//!
+//! The benchmarks themselves:
+//!
+//! - `benches/decode.rs`: records per second per core through
+//!   `Decoder::decode`, alone and followed by `Segment::add_reading` with a
+//!   warm `SeriesCache` (the consumer's hot path).
+//! - `benches/sink.rs`: rows per second through `write_batch` (binary COPY
+//!   and checkpoint update in one transaction) next to a raw binary COPY of
+//!   the same bytes into the same table.
+//! - `examples/put_backlog.rs`: fills a Kinesis stream with records, for
+//!   `dev/measure-backlog`.
+
+pub mod database;
+pub mod records;

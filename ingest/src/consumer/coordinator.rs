@@ -246,10 +246,11 @@ impl Coordinator {
         let has_parents = self
             .shards
             .get(&lease.shard_id)
-            .is_some_and(|s| !s.parent_shard_ids.is_empty());
+            .is_none_or(|s| !s.parent_shard_ids.is_empty());
         let start = match &lease.checkpoint {
             Some(sequence) => StartPosition::AfterSequence(sequence.clone()),
-            // A child's first records were written before anyone read it.
+            // A child's first records were written before anyone read it. A
+            // shard missing from this worker's (older) list is a new child too.
             None if has_parents => StartPosition::TrimHorizon,
             None => self.config.start.clone(),
         };

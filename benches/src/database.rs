@@ -1,0 +1,65 @@
+//! A database of the local stack for the sink benchmark: created fresh and
+//! migrated, as `ingest migrate` would. Without the stack this panics with
+//! how to start it; a benchmark never skips silently.
+
+use std::time::Duration;
+
+use ingest::config::DatabaseConfig;
+use tokio_postgres::Client;
+
+/// How to get the database the sink benchmark needs.
+pub const START_HINT: &str =
+    "start the local stack with `dev/stack up && eval \"$(dev/stack env)\"`";
+
+/// The stack's database, from `DATABASE_URL`; its role may create databases.
+pub fn admin() -> DatabaseConfig {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!("DATABASE_URL is not set: the sink benchmark needs PostgreSQL; {START_HINT}")
+    });
+    DatabaseConfig::validate("DATABASE_URL", &url, Duration::from_secs(5))
+        .unwrap_or_else(|error| panic!("{error}; {START_HINT}"))
+}
+
+/// Connects, or panics saying how to start the stack.
+pub async fn connect(config: &DatabaseConfig) -> Client {
+    ingest::db::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("{error}; {START_HINT}"))
+}
+
+/// Drops and creates database `name` on the stack's server and applies
+/// every migration (storage chosen as `ingest migrate` chooses it by
+/// default); returns where it is.
+pub async fn fresh(name: &str) -> DatabaseConfig {
+    assert!(
+        name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+        "{name}: a plain identifier, it is put into SQL as it is"
+    );
+    let admin = admin();
+    let client = connect(&admin).await;
+    // Two statements: DROP DATABASE cannot share an implicit transaction.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client.batch_execute(&sql).await.unwrap_or_else(|error| {
+            panic!(
+                "cannot create database {name}: {}",
+                ingest::db::describe(&error)
+            )
+        });
+    }
+
+    let mut config = admin.clone();
+    config.postgres.dbname(name);
+    config.display = format!("{} (database {name})", admin.display);
+    let mut client = connect(&config).await;
+    schema::apply(
+        &mut client,
+        schema::StorageChoice::Auto,
+        &schema::Settings::default(),
+    )
+    .await
+    .unwrap_or_else(|error| panic!("cannot migrate database {name}: {error}"));
+    config
+}
