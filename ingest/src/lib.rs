@@ -8,6 +8,8 @@
 //! - [`db`]: connecting to PostgreSQL with timeouts and one-line errors.
 //! - [`decode`]: one Kinesis record's bytes to a [`decode::Reading`] or a
 //!   precise reason for its dead letter. No IO.
+//! - [`gateway`]: `ingest gateway`, CoAP and MQTT telemetry into Kinesis.
+//! - [`provision`]: `ingest provision`, the AWS side, idempotently.
 //!
 //! The `ingest` binary (src/main.rs and src/cli/) parses flags, environment
 //! and the config file into these types; only it knows clap.
@@ -19,8 +21,10 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod decode;
+pub mod gateway;
 pub mod lease;
 pub mod metrics;
 pub mod observe;
+pub mod provision;
 pub mod sink;
 pub mod source;

@@ -40,3 +40,37 @@ pub const ARCHIVE_RECORDS: &str = "ingest_archive_records_total";
 pub const ARCHIVE_BYTES: &str = "ingest_archive_bytes_total";
 /// Records too large for a Firehose record, not archived (kept as dead letters).
 pub const ARCHIVE_SKIPPED: &str = "ingest_archive_skipped_total";
+/// CoAP requests answered. Labels: code (2.04, 4.00, 5.03, ...).
+pub const GATEWAY_COAP_REQUESTS: &str = "ingest_gateway_coap_requests_total";
+/// CoAP retransmissions recognised (answered again, never put twice).
+pub const GATEWAY_COAP_DUPLICATES: &str = "ingest_gateway_coap_duplicates_total";
+/// CoAP answers sent as separate responses (after an empty ACK).
+pub const GATEWAY_COAP_SEPARATE: &str = "ingest_gateway_coap_separate_responses_total";
+/// CoAP exchanges remembered for deduplication.
+pub const GATEWAY_COAP_EXCHANGES: &str = "ingest_gateway_coap_exchanges";
+/// Messages the gateway did not put. Labels: protocol (coap, mqtt), reason
+/// (not_found, method_not_allowed, bad_option, malformed, too_large,
+/// unsupported_format, unauthorized, bad_payload, overloaded, unavailable,
+/// refused, shutting_down, unmatched_topic).
+pub const GATEWAY_REJECTED: &str = "ingest_gateway_rejected_total";
+/// Records Kinesis accepted from the gateway. Labels: protocol.
+pub const GATEWAY_RECORDS_PUT: &str = "ingest_gateway_records_put_total";
+/// Records answered "unavailable" because their deadline passed before a
+/// call took them. Labels: protocol.
+pub const GATEWAY_EXPIRED: &str = "ingest_gateway_records_expired_total";
+/// PutRecords calls. Labels: outcome (ok, partial, error).
+pub const GATEWAY_PUT_CALLS: &str = "ingest_gateway_put_calls_total";
+/// Time of one PutRecords call (histogram).
+pub const GATEWAY_PUT_SECONDS: &str = "ingest_gateway_put_seconds";
+/// Records per PutRecords call (histogram).
+pub const GATEWAY_PUT_BATCH_RECORDS: &str = "ingest_gateway_put_batch_records";
+/// Records waiting for a PutRecords call.
+pub const GATEWAY_QUEUE_RECORDS: &str = "ingest_gateway_queue_records";
+/// MQTT messages received. Labels: qos.
+pub const GATEWAY_MQTT_MESSAGES: &str = "ingest_gateway_mqtt_messages_total";
+/// MQTT messages acknowledged to the broker after Kinesis took them.
+pub const GATEWAY_MQTT_ACKED: &str = "ingest_gateway_mqtt_acked_total";
+/// MQTT messages received and not acknowledged yet.
+pub const GATEWAY_MQTT_UNACKED: &str = "ingest_gateway_mqtt_unacked";
+/// MQTT connection failures (each is retried).
+pub const GATEWAY_MQTT_CONNECTION_ERRORS: &str = "ingest_gateway_mqtt_connection_errors_total";

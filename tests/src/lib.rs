@@ -6,6 +6,7 @@
 
 pub mod consumer;
 pub mod failover;
+pub mod gateway;
 pub mod proxy;
 
 use std::path::PathBuf;

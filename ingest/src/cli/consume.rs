@@ -193,7 +193,7 @@ pub async fn run(args: ConsumeArgs, file: ConfigFile) -> anyhow::Result<()> {
 }
 
 /// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn stop_on_signal(shutdown: CancellationToken) {
+pub(super) async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

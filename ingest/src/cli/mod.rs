@@ -3,8 +3,9 @@
 
 mod consume;
 mod database;
+mod gateway;
 mod migrate;
-mod planned;
+mod provision;
 mod status;
 
 use std::io::IsTerminal;
@@ -53,8 +54,8 @@ pub enum LogFormat {
 pub enum Command {
     Migrate(migrate::MigrateArgs),
     Consume(consume::ConsumeArgs),
-    Gateway(planned::GatewayArgs),
-    Provision(planned::ProvisionArgs),
+    Gateway(gateway::GatewayArgs),
+    Provision(provision::ProvisionArgs),
     Status(status::StatusArgs),
 }
 
@@ -89,6 +90,10 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // When stderr is gone (a closed pipe), the default reports that with
+        // eprintln!, which panics, and a task that logs (the signal
+        // handler) dies before it acts: lose the log line, not the process.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
@@ -101,8 +106,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate(args) => migrate::run(args, file).await,
         Command::Consume(args) => consume::run(args, file).await,
-        Command::Gateway(_) => planned::not_built("gateway", 4),
-        Command::Provision(_) => planned::not_built("provision", 4),
+        Command::Gateway(args) => gateway::run(args, file).await,
+        Command::Provision(args) => provision::run(args, file).await,
         Command::Status(args) => status::run(args, file).await,
     }
 }

@@ -161,7 +161,7 @@ impl KinesisSource {
 
     /// Polls the stream's status until it is ACTIVE, for at most
     /// [`ACTIVE_TIMEOUT`].
-    async fn wait_until_active(&self) -> Result<(), SourceError> {
+    pub(super) async fn wait_until_active(&self) -> Result<(), SourceError> {
         let call = || self.call("DescribeStreamSummary", None);
         let deadline = tokio::time::Instant::now() + ACTIVE_TIMEOUT;
         let mut pause = FIRST_STATUS_POLL;

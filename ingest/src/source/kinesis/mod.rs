@@ -10,6 +10,10 @@
 //!   configuration; lists shards.
 //! - `reader.rs`: [`ShardReader`], one shard in order, paced, self-healing.
 //! - `put.rs`: PutRecords in chunks, failed entries retried.
+//! - `attempt.rs`: one PutRecords call with each record's outcome, for
+//!   producers that retry on their own terms (the gateway); one probe.
+//! - `provision.rs`: describe the stream; create it provisioned or
+//!   on-demand, idempotently (`ingest provision`).
 //! - `admin.rs`: create, delete, split, merge; wait until ACTIVE.
 //! - `record.rs`: the plain values ([`Record`], [`ShardInfo`], ...).
 //! - `error.rs`, `classify.rs`: [`SourceError`], and which SDK errors map to
@@ -21,16 +25,21 @@
 //! logged at warn with its cause and counted in a [`RetryCounts`].
 
 mod admin;
+mod attempt;
 mod classify;
 mod client;
 mod error;
+mod provision;
 mod put;
 mod reader;
 mod record;
 mod retry;
 
+pub use attempt::PutEntry;
 pub use client::KinesisSource;
 pub use error::{Call, SourceError};
+pub use provision::{EnsuredStream, StreamCapacity, StreamDescription};
+pub use put::{MAX_BYTES_PER_PUT, MAX_RECORDS_PER_PUT};
 pub use reader::{ReaderOptions, ShardReader};
 pub use record::{Fetched, Record, ShardInfo, StartPosition};
 pub use retry::RetryCounts;

@@ -14,9 +14,9 @@ use super::error::{Kind, SourceError};
 use super::retry::{Patience, kinesis_backoff, retrying};
 
 /// The most records one PutRecords call takes (a Kinesis limit).
-const MAX_RECORDS_PER_PUT: usize = 500;
+pub const MAX_RECORDS_PER_PUT: usize = 500;
 /// The most bytes (keys and data) one PutRecords call takes (a Kinesis limit).
-const MAX_BYTES_PER_PUT: usize = 5 * 1024 * 1024;
+pub const MAX_BYTES_PER_PUT: usize = 5 * 1024 * 1024;
 
 impl KinesisSource {
     /// Puts `records` (partition key, data) with PutRecords, in chunks of at

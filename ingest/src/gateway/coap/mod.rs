@@ -1,0 +1,20 @@
+//! CoAP (RFC 7252 over UDP) into Kinesis.
+//!
+//! - `message.rs`: a request's options read once; the answers' datagrams.
+//! - `resource.rs`: the resources (`/t/...`, `/health`,
+//!   `/.well-known/core`), routing, and a telemetry request to its record.
+//! - `exchange.rs`: deduplication of retransmissions.
+//! - `server.rs`: the socket, the receive loop, piggybacked and separate
+//!   responses.
+//!
+//! `message`, `resource` and `exchange` do no IO and are tested alone.
+
+mod exchange;
+mod message;
+mod resource;
+mod server;
+
+pub use exchange::EXCHANGE_LIFETIME;
+pub use message::{FORMAT_CBOR, FORMAT_JSON};
+pub use resource::WELL_KNOWN_CORE;
+pub use server::{CoapSettings, PIGGYBACK_WINDOW, serve};

@@ -1,0 +1,519 @@
+//! The CoAP server: one UDP socket, one receive loop, a task per request
+//! that waits for Kinesis, and the message layer of RFC 7252 written out:
+//! piggybacked or separate responses, deduplication, retransmission of
+//! separate confirmable responses until the client acknowledges them.
+//!
+//! A request's life:
+//!
+//! 1. The receive loop reads the datagram, answers a duplicate from the
+//!    exchange cache, and otherwise routes and checks the request; anything
+//!    wrong is answered at once (4.xx).
+//! 2. A telemetry record is queued for the producer (queue full: 5.03).
+//! 3. Its task waits up to [`PIGGYBACK_WINDOW`] for Kinesis: the answer
+//!    then rides on the ACK. Longer, and a CON gets an empty ACK now and the
+//!    answer later as a confirmable response of its own, resent with
+//!    exponential backoff until the client acknowledges it.
+//! 4. The answer is 2.04 once Kinesis took the record, 5.03 with Max-Age
+//!    when it did not by `--put-timeout`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use coap_lite::{MessageClass, MessageType, Packet, ResponseType};
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::exchange::{Exchanges, Key, Seen, State};
+use super::message::{self, FORMAT_TEXT, Reply, Request};
+use super::resource::{self, Route, TelemetryRules};
+use crate::decode::{DecodeLimits, Decoder, Micros};
+use crate::gateway::auth::AuthPolicy;
+use crate::gateway::health::KinesisHealth;
+use crate::gateway::producer::{Outcome, Producer, Protocol, Submission, SubmitError};
+use crate::metrics as m;
+
+/// How long a confirmable request waits for Kinesis before it gets an empty
+/// ACK and its answer separately: half of ACK_TIMEOUT (2 s), so the client
+/// does not retransmit a request that is being handled.
+pub const PIGGYBACK_WINDOW: Duration = Duration::from_secs(1);
+/// RFC 7252 ACK_TIMEOUT: the first wait for the ACK of a separate response.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// RFC 7252 MAX_RETRANSMIT: resends of a separate response before giving up.
+const MAX_RETRANSMIT: u32 = 4;
+/// Max-Age of a 5.03 because Kinesis did not take the record: seconds
+/// before the device should try again.
+const RETRY_AFTER_UNAVAILABLE: u32 = 5;
+/// Max-Age of a 5.03 because the queue is full: a short pause is enough.
+const RETRY_AFTER_FULL: u32 = 1;
+/// The largest datagram read: the most UDP carries over IPv4.
+const DATAGRAM_BUFFER: usize = 65_536;
+
+/// What the CoAP server needs.
+#[derive(Debug)]
+pub struct CoapSettings {
+    /// The name of the stream, for `/health`.
+    pub stream: String,
+    /// Larger payloads get 4.13.
+    pub max_payload_bytes: usize,
+    /// How long a request waits for Kinesis before 5.03.
+    pub put_timeout: Duration,
+    /// Who must sign.
+    pub auth: AuthPolicy,
+    /// The exchange cache's capacity.
+    pub exchange_capacity: usize,
+}
+
+/// Everything the receive loop and the request tasks share.
+#[derive(Debug)]
+struct Server {
+    socket: UdpSocket,
+    settings: CoapSettings,
+    health: Arc<KinesisHealth>,
+    /// Recent exchanges, for deduplication.
+    exchanges: Mutex<Exchanges>,
+    /// Separate confirmable responses waiting for their ACK, by (client,
+    /// our message id): the receive loop tells the sender it came.
+    awaiting_ack: Mutex<std::collections::HashMap<Key, oneshot::Sender<()>>>,
+    /// Message ids of our own confirmable and non-confirmable messages.
+    next_message_id: AtomicU16,
+    /// Whether the exchange cache has filled up before EXCHANGE_LIFETIME
+    /// (said once in the log).
+    capacity_reached: AtomicBool,
+}
+
+/// The parts of a request its answer needs.
+#[derive(Debug, Clone)]
+struct ReplyTo {
+    peer: SocketAddr,
+    message_id: u16,
+    token: Vec<u8>,
+    confirmable: bool,
+    /// The No-Response option's value (0 when absent).
+    no_response: u32,
+}
+
+/// Serves CoAP on `socket` until `shutdown`, then waits (at most `grace`)
+/// for the requests in flight to be answered. The producer handle is
+/// dropped when the receive loop ends, so the producer can finish.
+pub async fn serve(
+    socket: UdpSocket,
+    settings: CoapSettings,
+    producer: Producer,
+    health: Arc<KinesisHealth>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let now = std::time::Instant::now();
+    let exchanges = Exchanges::new(
+        super::exchange::EXCHANGE_LIFETIME,
+        settings.exchange_capacity,
+        now,
+    );
+    let server = Arc::new(Server {
+        socket,
+        settings,
+        health,
+        exchanges: Mutex::new(exchanges),
+        awaiting_ack: Mutex::default(),
+        next_message_id: AtomicU16::new(seed_message_id()),
+        capacity_reached: AtomicBool::new(false),
+    });
+    let mut decoder = Decoder::new(DecodeLimits::default());
+    let mut buffer = vec![0u8; DATAGRAM_BUFFER];
+    // The tasks of requests waiting for Kinesis.
+    let mut requests = JoinSet::new();
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = server.socket.recv_from(&mut buffer) => received,
+        };
+        match received {
+            Ok((length, peer)) => {
+                server.datagram(
+                    &buffer[..length],
+                    peer,
+                    &mut decoder,
+                    &producer,
+                    &mut requests,
+                );
+            }
+            // E.g. an ICMP error for an earlier send: nothing to do but go on.
+            Err(error) => tracing::debug!(%error, "CoAP receive error"),
+        }
+        while requests.try_join_next().is_some() {}
+    }
+    drop(producer);
+    let in_flight = requests.len();
+    let answered = tokio::time::timeout(grace, async {
+        while requests.join_next().await.is_some() {}
+    });
+    if answered.await.is_err() {
+        tracing::warn!(
+            in_flight,
+            "CoAP requests still waiting for Kinesis at shutdown were not answered"
+        );
+    }
+}
+
+/// A random start for our message ids, so a restarted gateway does not
+/// reuse the ids its predecessor used moments ago.
+fn seed_message_id() -> u16 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u16)
+}
+
+impl Server {
+    fn datagram(
+        self: &Arc<Self>,
+        bytes: &[u8],
+        peer: SocketAddr,
+        decoder: &mut Decoder,
+        producer: &Producer,
+        requests: &mut JoinSet<()>,
+    ) {
+        // Too short for a header, or another CoAP version: silently ignored
+        // (RFC 7252 §3, §4.2).
+        if bytes.len() < 4 || bytes[0] >> 6 != 1 {
+            return rejected("malformed");
+        }
+        let confirmable = (bytes[0] >> 4) & 0b11 == 0;
+        let message_id = u16::from_be_bytes([bytes[2], bytes[3]]);
+        let packet = match Packet::from_bytes(bytes) {
+            Ok(packet) => packet,
+            Err(_) => {
+                // A confirmable message that cannot be parsed is rejected
+                // with a reset; anything else is ignored.
+                if confirmable {
+                    self.send(&message::reset(message_id), peer);
+                }
+                return rejected("malformed");
+            }
+        };
+        match packet.header.get_type() {
+            MessageType::Acknowledgement | MessageType::Reset => {
+                // The ACK (or refusal) of one of our separate responses.
+                let waiter = self
+                    .awaiting_ack
+                    .lock()
+                    .ok()
+                    .and_then(|mut waiting| waiting.remove(&(peer, message_id)));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(());
+                }
+                return;
+            }
+            MessageType::Confirmable | MessageType::NonConfirmable => {}
+        }
+        if !matches!(packet.header.code, MessageClass::Request(_)) {
+            // An empty CON is a ping, answered with a reset; responses and
+            // reserved codes are not for a server.
+            if confirmable {
+                self.send(&message::reset(message_id), peer);
+            }
+            return;
+        }
+
+        let key = (peer, message_id);
+        let seen = match self.exchanges.lock() {
+            Ok(mut exchanges) => {
+                let seen = exchanges.begin(key, std::time::Instant::now());
+                if seen == Seen::Duplicate(State::InFlight { acked: false }) && confirmable {
+                    exchanges.acknowledge(&key);
+                }
+                metrics::gauge!(m::GATEWAY_COAP_EXCHANGES).set(exchanges.len() as f64);
+                if exchanges.early_rotations() > 0
+                    && !self.capacity_reached.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        capacity = self.settings.exchange_capacity,
+                        "the CoAP exchange cache filled up within EXCHANGE_LIFETIME (247 s): \
+                         retransmissions are recognised for a shorter time; raise \
+                         --exchange-capacity"
+                    );
+                }
+                seen
+            }
+            Err(_) => Seen::New,
+        };
+        if let Seen::Duplicate(state) = seen {
+            metrics::counter!(m::GATEWAY_COAP_DUPLICATES).increment(1);
+            match state {
+                State::Answered(Some(datagram)) => self.send(&datagram, peer),
+                State::Answered(None) => {}
+                // Still waiting for Kinesis: an empty ACK stops the client's
+                // retransmissions; the answer follows separately.
+                State::InFlight { .. } if confirmable => {
+                    self.send(&message::empty_ack(message_id), peer)
+                }
+                State::InFlight { .. } => {}
+            }
+            return;
+        }
+
+        let token = packet.get_token().to_vec();
+        let request = match Request::from_packet(packet) {
+            Ok(request) => request,
+            Err(unreadable) => {
+                rejected("bad_option");
+                let to = ReplyTo {
+                    peer,
+                    message_id,
+                    token,
+                    confirmable,
+                    no_response: 0,
+                };
+                return self.answer(&to, Reply::error(unreadable.code, unreadable.reason));
+            }
+        };
+        let to = ReplyTo {
+            peer,
+            message_id,
+            token,
+            confirmable,
+            no_response: request.no_response,
+        };
+        match self.handle(&request, decoder, producer) {
+            Ok(reply) => self.answer(&to, reply),
+            Err(receiver) => {
+                let server = Arc::clone(self);
+                let deadline = Instant::now() + self.settings.put_timeout;
+                requests.spawn(async move { server.wait_and_answer(to, receiver, deadline).await });
+            }
+        }
+    }
+
+    /// Answers now (`Ok`), or queues the record and returns the receiver of
+    /// its outcome (`Err`).
+    fn handle(
+        &self,
+        request: &Request,
+        decoder: &mut Decoder,
+        producer: &Producer,
+    ) -> Result<Reply, oneshot::Receiver<Outcome>> {
+        let route = match resource::route(request) {
+            Ok(route) => route,
+            Err(reply) => {
+                let reason = match reply.code {
+                    ResponseType::NotFound => "not_found",
+                    _ => "method_not_allowed",
+                };
+                rejected(reason);
+                return Ok(reply);
+            }
+        };
+        let (house, device) = match route {
+            Route::WellKnownCore => return Ok(resource::well_known_core()),
+            Route::Health => return Ok(self.health_reply()),
+            Route::Telemetry { house, device } => (house, device),
+        };
+        let rules = TelemetryRules {
+            max_payload_bytes: self.settings.max_payload_bytes,
+            auth: &self.settings.auth,
+        };
+        let (key, data) =
+            match resource::telemetry(request, house, device, &rules, decoder, now_micros()) {
+                Ok(record) => record,
+                Err((reason, reply)) => {
+                    rejected(reason);
+                    return Ok(reply);
+                }
+            };
+        let submission = Submission {
+            key,
+            data,
+            deadline: Some(Instant::now() + self.settings.put_timeout),
+            protocol: Protocol::Coap,
+        };
+        match producer.try_submit(submission) {
+            Ok(receiver) => Err(receiver),
+            Err(err) => {
+                rejected(match err {
+                    SubmitError::Full => "overloaded",
+                    SubmitError::Closed => "shutting_down",
+                });
+                let retry_after = match err {
+                    SubmitError::Full => RETRY_AFTER_FULL,
+                    SubmitError::Closed => RETRY_AFTER_UNAVAILABLE,
+                };
+                Ok(unavailable(err.to_string(), retry_after))
+            }
+        }
+    }
+
+    fn health_reply(&self) -> Reply {
+        if self.health.is_up() {
+            Reply {
+                payload: format!("ok: Kinesis stream {} is reachable", self.settings.stream)
+                    .into_bytes(),
+                content_format: Some(FORMAT_TEXT),
+                ..Reply::empty(ResponseType::Content)
+            }
+        } else {
+            unavailable(
+                format!(
+                    "Kinesis stream {} is not reachable: {}",
+                    self.settings.stream,
+                    self.health.reason()
+                ),
+                RETRY_AFTER_UNAVAILABLE,
+            )
+        }
+    }
+
+    async fn wait_and_answer(
+        self: Arc<Self>,
+        to: ReplyTo,
+        mut receiver: oneshot::Receiver<Outcome>,
+        deadline: Instant,
+    ) {
+        let outcome = match tokio::time::timeout(PIGGYBACK_WINDOW, &mut receiver).await {
+            Ok(outcome) => outcome.ok(),
+            Err(_) => {
+                let key = (to.peer, to.message_id);
+                let acknowledge = to.confirmable
+                    && self
+                        .exchanges
+                        .lock()
+                        .is_ok_and(|mut exchanges| exchanges.acknowledge(&key));
+                if acknowledge {
+                    self.send(&message::empty_ack(to.message_id), to.peer);
+                }
+                tokio::time::timeout_at(deadline, receiver)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        };
+        let reply = match outcome {
+            Some(Outcome::Stored) => Reply::empty(ResponseType::Changed),
+            Some(Outcome::Unavailable(reason)) => {
+                rejected("unavailable");
+                tracing::debug!(%reason, "CoAP record not stored in time");
+                unavailable(
+                    "Kinesis did not take the record in time",
+                    RETRY_AFTER_UNAVAILABLE,
+                )
+            }
+            Some(Outcome::Refused(reason)) => {
+                rejected("refused");
+                tracing::warn!(%reason, "Kinesis refused a CoAP record");
+                Reply::error(
+                    ResponseType::InternalServerError,
+                    "Kinesis refused the record",
+                )
+            }
+            None => {
+                rejected("unavailable");
+                unavailable(
+                    "Kinesis did not take the record in time",
+                    RETRY_AFTER_UNAVAILABLE,
+                )
+            }
+        };
+        self.answer(&to, reply);
+    }
+
+    /// Sends `reply` the way the exchange needs (piggybacked on the ACK,
+    /// separately after an empty ACK, or as NON), remembers it for
+    /// retransmissions, and counts it.
+    fn answer(self: &Arc<Self>, to: &ReplyTo, reply: Reply) {
+        metrics::counter!(m::GATEWAY_COAP_REQUESTS, "code" => reply.code_text()).increment(1);
+        let suppressed = message::suppresses(to.no_response, reply.code);
+        let key = (to.peer, to.message_id);
+        let piggybacked = to.confirmable.then(|| {
+            Bytes::from(reply.encode(MessageType::Acknowledgement, to.message_id, &to.token))
+        });
+        let own_id = || self.next_message_id.fetch_add(1, Ordering::Relaxed);
+        let non = (!to.confirmable && !suppressed)
+            .then(|| Bytes::from(reply.encode(MessageType::NonConfirmable, own_id(), &to.token)));
+        // What a retransmission of the request will get: decided with the
+        // exchange locked, so that it agrees with what is sent now.
+        let acked = self
+            .exchanges
+            .lock()
+            .map(|mut exchanges| {
+                exchanges.answer(key, |acked| match (&piggybacked, acked) {
+                    (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
+                    (Some(datagram), false) => Some(datagram.clone()),
+                    (None, _) => non.clone(),
+                })
+            })
+            .unwrap_or(false);
+        if to.confirmable && acked {
+            // The client has its empty ACK: the answer is a confirmable
+            // message of its own (No-Response may suppress it).
+            if !suppressed {
+                metrics::counter!(m::GATEWAY_COAP_SEPARATE).increment(1);
+                let id = own_id();
+                let datagram = reply.encode(MessageType::Confirmable, id, &to.token);
+                tokio::spawn(Arc::clone(self).deliver_separately(to.peer, id, datagram));
+            }
+        } else if let Some(datagram) = piggybacked {
+            // A confirmable request is always acknowledged; No-Response
+            // suppresses only the response, so it gets an empty ACK then.
+            if suppressed {
+                self.send(&message::empty_ack(to.message_id), to.peer);
+            } else {
+                self.send(&datagram, to.peer);
+            }
+        } else if let Some(datagram) = non {
+            self.send(&datagram, to.peer);
+        }
+    }
+
+    /// Sends a separate confirmable response until the client acknowledges
+    /// (or resets) it, at most MAX_RETRANSMIT times more, waiting ACK_TIMEOUT
+    /// (times a random factor up to 1.5) and doubling.
+    async fn deliver_separately(self: Arc<Self>, peer: SocketAddr, id: u16, datagram: Vec<u8>) {
+        let (tx, mut rx) = oneshot::channel();
+        if let Ok(mut waiting) = self.awaiting_ack.lock() {
+            waiting.insert((peer, id), tx);
+        }
+        let jitter = 1.0 + f64::from(id % 500) / 1_000.0;
+        let mut wait = ACK_TIMEOUT.mul_f64(jitter);
+        for _ in 0..=MAX_RETRANSMIT {
+            self.send(&datagram, peer);
+            if tokio::time::timeout(wait, &mut rx).await.is_ok() {
+                return;
+            }
+            wait *= 2;
+        }
+        if let Ok(mut waiting) = self.awaiting_ack.lock() {
+            waiting.remove(&(peer, id));
+        }
+        tracing::debug!(%peer, "a separate CoAP response was never acknowledged");
+    }
+
+    fn send(&self, datagram: &[u8], peer: SocketAddr) {
+        // UDP: a full socket buffer drops the datagram, as the network
+        // might; the client retransmits.
+        if let Err(error) = self.socket.try_send_to(datagram, peer) {
+            tracing::debug!(%error, %peer, "CoAP send failed");
+        }
+    }
+}
+
+/// A 5.03 with Max-Age: try again in `seconds`.
+fn unavailable(reason: impl Into<String>, seconds: u32) -> Reply {
+    Reply {
+        max_age: Some(seconds),
+        ..Reply::error(ResponseType::ServiceUnavailable, reason)
+    }
+}
+
+fn rejected(reason: &'static str) {
+    metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "coap", "reason" => reason).increment(1);
+}
+
+fn now_micros() -> Micros {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as Micros)
+}

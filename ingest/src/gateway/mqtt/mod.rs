@@ -1,0 +1,11 @@
+//! The MQTT bridge: a broker's messages into Kinesis, as an AWS IoT rule's
+//! Kinesis action would put them.
+//!
+//! - `layout.rs`: which topic levels name the device, house, field, time.
+//! - `bridge.rs`: the rumqttc client, records, acknowledgements.
+
+mod bridge;
+mod layout;
+
+pub use bridge::{MqttSettings, run};
+pub use layout::{DEFAULT_LAYOUTS, Mapped, TopicLayout, map_topic};

@@ -1,0 +1,355 @@
+//! The gateway's Kinesis producer: records from many concurrent requests
+//! batched into PutRecords calls (at most 500 records and 5 MiB each, up to
+//! `concurrency` calls in flight), entries that failed retried with backoff,
+//! and every submitter told its own record's final outcome.
+//!
+//! Batching needs no timer: while calls are in flight, new records queue up,
+//! and the next free call takes all of them (up to the limits). One device
+//! alone gets a call of one record at once; under load calls fill up.
+//!
+//! A record may carry a deadline (CoAP: the device is waiting): once it has
+//! passed, the record is answered [`Outcome::Unavailable`] and never sent,
+//! so a device told 5.03 does not also find its record stored, except when
+//! the deadline passes while a call with the record is in flight (that call
+//! may still write it: at least once, as with any Kinesis producer). A
+//! record without a deadline (MQTT QoS 1: the broker keeps it until it is
+//! acknowledged) is retried until Kinesis takes it or the gateway stops.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::health::KinesisHealth;
+use crate::backoff::Backoff;
+use crate::metrics as m;
+use crate::source::kinesis::{
+    KinesisSource, MAX_BYTES_PER_PUT, MAX_RECORDS_PER_PUT, PutEntry, SourceError,
+};
+
+/// Which door a record came in by, for metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// A CoAP request.
+    Coap,
+    /// An MQTT message from the bridge.
+    Mqtt,
+}
+
+impl Protocol {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Coap => "coap",
+            Protocol::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// One record to put.
+#[derive(Debug)]
+pub struct Submission {
+    /// The partition key: the device id.
+    pub key: String,
+    /// The record (JSON).
+    pub data: Bytes,
+    /// When the submitter stops waiting; `None` to retry until stored.
+    pub deadline: Option<Instant>,
+    /// For metrics.
+    pub protocol: Protocol,
+}
+
+/// What became of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Kinesis accepted it.
+    Stored,
+    /// Not stored before its deadline (Kinesis unreachable, throttling, or a
+    /// queue too long): the device may send it again later (CoAP 5.03).
+    Unavailable(String),
+    /// Kinesis refused it for a reason retrying cannot fix (stream deleted,
+    /// access denied): someone must act (CoAP 5.00).
+    Refused(String),
+}
+
+/// Why a record was not even queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full: overload (CoAP 5.03).
+    #[error("the gateway's queue to Kinesis is full")]
+    Full,
+    /// The producer has stopped: the gateway is shutting down.
+    #[error("the gateway is shutting down")]
+    Closed,
+}
+
+/// Settings of the producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerConfig {
+    /// PutRecords calls in flight at once.
+    pub concurrency: usize,
+    /// Records waiting for a call before submitters are told "full".
+    pub queue_records: usize,
+}
+
+/// The handle submitters hold; cheap to clone. The producer stops when
+/// every handle is dropped and what was queued is answered.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    /// The queue into the producer task.
+    tx: mpsc::Sender<Pending>,
+}
+
+/// A record waiting in the producer.
+#[derive(Debug)]
+struct Pending {
+    /// (partition key, data), as PutRecords takes them.
+    record: (String, Bytes),
+    /// Everything else about it.
+    meta: Meta,
+}
+
+#[derive(Debug)]
+struct Meta {
+    deadline: Option<Instant>,
+    protocol: Protocol,
+    reply: oneshot::Sender<Outcome>,
+}
+
+impl Producer {
+    /// Starts the producer task for `source`.
+    pub fn start(
+        source: KinesisSource,
+        config: ProducerConfig,
+        health: Arc<KinesisHealth>,
+    ) -> (Producer, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue_records.max(1));
+        let task = tokio::spawn(run(source, rx, config, health));
+        (Producer { tx }, task)
+    }
+
+    /// Queues `submission` if there is room; the receiver gets its outcome.
+    pub fn try_submit(
+        &self,
+        submission: Submission,
+    ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
+        let (pending, receiver) = pending(submission);
+        self.tx.try_send(pending).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => SubmitError::Full,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+        })?;
+        Ok(receiver)
+    }
+
+    /// Queues `submission`, waiting for room.
+    pub async fn submit(
+        &self,
+        submission: Submission,
+    ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
+        let (pending, receiver) = pending(submission);
+        self.tx
+            .send(pending)
+            .await
+            .map_err(|_| SubmitError::Closed)?;
+        Ok(receiver)
+    }
+}
+
+fn pending(submission: Submission) -> (Pending, oneshot::Receiver<Outcome>) {
+    let (reply, receiver) = oneshot::channel();
+    let pending = Pending {
+        record: (submission.key, submission.data),
+        meta: Meta {
+            deadline: submission.deadline,
+            protocol: submission.protocol,
+            reply,
+        },
+    };
+    (pending, receiver)
+}
+
+/// The result of one call, with the records it carried.
+type CallResult = (
+    Vec<(String, Bytes)>,
+    Vec<Meta>,
+    Result<Vec<PutEntry>, SourceError>,
+);
+
+async fn run(
+    source: KinesisSource,
+    mut rx: mpsc::Receiver<Pending>,
+    config: ProducerConfig,
+    health: Arc<KinesisHealth>,
+) {
+    let concurrency = config.concurrency.max(1);
+    // Records taken off the channel: enough to fill every call once more.
+    let cap = MAX_RECORDS_PER_PUT * concurrency;
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut calls = FuturesUnordered::new();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut pause_until: Option<Instant> = None;
+    let mut last_error = String::from("no call has succeeded yet");
+    let mut open = true;
+    loop {
+        while open && pending.len() < cap {
+            match rx.try_recv() {
+                Ok(record) => pending.push_back(record),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let now = Instant::now();
+        let paused = pause_until.is_some_and(|until| until > now);
+        while !paused && calls.len() < concurrency && !pending.is_empty() {
+            let (records, metas) = take_batch(&mut pending, now, &last_error);
+            if records.is_empty() {
+                continue;
+            }
+            let source = source.clone();
+            calls.push(async move {
+                let started = std::time::Instant::now();
+                let result = source.put_records_once(&records).await;
+                metrics::histogram!(m::GATEWAY_PUT_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::histogram!(m::GATEWAY_PUT_BATCH_RECORDS).record(records.len() as f64);
+                (records, metas, result)
+            });
+        }
+        metrics::gauge!(m::GATEWAY_QUEUE_RECORDS).set((pending.len() + rx.len()) as f64);
+        if !open && pending.is_empty() && calls.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(done) = calls.next(), if !calls.is_empty() => {
+                let retry = settle(done, &health, &mut last_error);
+                if retry.is_empty() {
+                    backoff.reset();
+                } else {
+                    pause_until = Some(Instant::now() + backoff.next_delay());
+                    // Older records go first again.
+                    for record in retry.into_iter().rev() {
+                        pending.push_front(record);
+                    }
+                }
+            }
+            received = rx.recv(), if open && pending.len() < cap => match received {
+                Some(record) => pending.push_back(record),
+                None => open = false,
+            },
+            _ = sleep_until(pause_until), if paused => {}
+        }
+    }
+}
+
+async fn sleep_until(until: Option<Instant>) {
+    if let Some(until) = until {
+        tokio::time::sleep_until(until).await;
+    }
+}
+
+/// Takes the oldest records that fit one call, answering those whose
+/// deadline passed (or whose submitter left) instead of sending them.
+fn take_batch(
+    pending: &mut VecDeque<Pending>,
+    now: Instant,
+    last_error: &str,
+) -> (Vec<(String, Bytes)>, Vec<Meta>) {
+    let mut records = Vec::new();
+    let mut metas = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = pending.front() {
+        if next.meta.reply.is_closed() || next.meta.deadline.is_some_and(|d| d <= now) {
+            let expired = pending.pop_front().expect("a front record");
+            let _ = expired.meta.reply.send(Outcome::Unavailable(format!(
+                "Kinesis did not take the record in time ({last_error})"
+            )));
+            metrics::counter!(m::GATEWAY_EXPIRED, "protocol" => expired.meta.protocol.label())
+                .increment(1);
+            continue;
+        }
+        let size = next.record.0.len() + next.record.1.len();
+        if records.len() == MAX_RECORDS_PER_PUT
+            || (!records.is_empty() && bytes + size > MAX_BYTES_PER_PUT)
+        {
+            break;
+        }
+        let Pending { record, meta } = pending.pop_front().expect("a front record");
+        bytes += size;
+        records.push(record);
+        metas.push(meta);
+    }
+    (records, metas)
+}
+
+/// Answers the records of a finished call that are done (stored, or refused
+/// for good) and returns those to retry, in their order.
+fn settle(
+    (records, metas, result): CallResult,
+    health: &KinesisHealth,
+    last_error: &mut String,
+) -> Vec<Pending> {
+    let mut retry = Vec::new();
+    match result {
+        Ok(entries) => {
+            health.reached();
+            let mut first_failure: Option<SourceError> = None;
+            for ((record, meta), entry) in records.into_iter().zip(metas).zip(entries) {
+                match entry {
+                    PutEntry::Accepted { .. } => {
+                        metrics::counter!(m::GATEWAY_RECORDS_PUT, "protocol" => meta.protocol.label())
+                            .increment(1);
+                        let _ = meta.reply.send(Outcome::Stored);
+                    }
+                    PutEntry::Failed(err) => {
+                        metrics::counter!(m::RETRIES, "cause" => err.cause()).increment(1);
+                        if err.is_retriable() || meta.deadline.is_none() {
+                            retry.push(Pending { record, meta });
+                        } else {
+                            let _ = meta.reply.send(Outcome::Refused(err.to_string()));
+                        }
+                        first_failure.get_or_insert(err);
+                    }
+                }
+            }
+            let outcome = if first_failure.is_some() {
+                "partial"
+            } else {
+                "ok"
+            };
+            metrics::counter!(m::GATEWAY_PUT_CALLS, "outcome" => outcome).increment(1);
+            if let Some(err) = first_failure {
+                *last_error = err.to_string();
+                tracing::warn!(
+                    failed = retry.len(),
+                    cause = err.cause(),
+                    error = %err,
+                    "PutRecords entries failed, retrying them"
+                );
+            }
+        }
+        Err(err) => {
+            health.failed(&err);
+            metrics::counter!(m::GATEWAY_PUT_CALLS, "outcome" => "error").increment(1);
+            metrics::counter!(m::RETRIES, "cause" => err.cause()).increment(1);
+            let retriable = err.is_retriable();
+            for (record, meta) in records.into_iter().zip(metas) {
+                if retriable || meta.deadline.is_none() {
+                    retry.push(Pending { record, meta });
+                } else {
+                    let _ = meta.reply.send(Outcome::Refused(err.to_string()));
+                }
+            }
+            if retriable {
+                tracing::warn!(records = retry.len(), cause = err.cause(), error = %err, "PutRecords failed, retrying");
+            } else {
+                tracing::error!(cause = err.cause(), error = %err, "PutRecords failed and retrying cannot help");
+            }
+            *last_error = err.to_string();
+        }
+    }
+    retry
+}

@@ -1,0 +1,933 @@
+//! `ingest gateway` end to end: the real binary, the stack's Kinesis
+//! emulator (through a proxy that can be cut, where Kinesis must go away)
+//! and Mosquitto; the real `coap-client-notls` and `mosquitto_pub` as
+//! devices, and raw CoAP datagrams where a test needs to control message
+//! ids. Every test reads its own stream back: what was sent is there
+//! exactly once, with the device as partition key.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use serde_json::{Value, json};
+
+use tests::consumer::create_stream;
+use tests::gateway::{
+    CoapPeer, GatewayProcess, by_key, coap_client, code, mosquitto_pub, post, read_stream, request,
+    text,
+};
+use tests::proxy::{TcpProxy, host_port};
+
+/// Bound for records to arrive; a bound for the test to end, not a speed check.
+const ARRIVE_WITHIN: Duration = Duration::from_secs(60);
+/// How long to keep reading after the expected records, to catch a duplicate.
+const SETTLE: Duration = Duration::from_secs(2);
+/// Bound for one CoAP answer on loopback.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"))
+}
+
+/// Lines of coap-client's output that carry an error code (`4.00 ...`).
+fn error_lines(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter(|line| line.starts_with("4.") || line.starts_with("5."))
+        .collect()
+}
+
+/// A topic prefix of this test run's own, so that gateways of tests running
+/// at the same time never take each other's messages from the shared broker.
+fn prefix(test: &str) -> String {
+    format!("gwtest-{test}-{}", std::process::id())
+}
+
+/// Publishes to `<prefix>/sentinel` (a topic no layout matches) until the
+/// gateway has received one: its subscription is in place. Returns how many
+/// messages it has received then.
+async fn wait_until_subscribed(gateway: &GatewayProcess, prefix: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        mosquitto_pub(&format!("{prefix}/sentinel"), "x", 1).await;
+        let received = gateway
+            .wait_for_metric(
+                "ingest_gateway_mqtt_messages_total",
+                &[],
+                1.0,
+                Duration::from_millis(500),
+            )
+            .await;
+        if received >= 1.0 {
+            // Let the sentinels in flight arrive, so the count is stable.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return gateway.metric("ingest_gateway_mqtt_messages_total", &[]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not subscribe within 30 s:\n{}",
+            gateway.log_text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coap_client_telemetry_lands_once_with_the_device_as_key() {
+    let (stream, source) = create_stream("gw-coap-client", 2).await;
+    let mut gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let url = |path: &str| format!("coap://{}{path}", gateway.coap);
+    let before = now_millis();
+
+    // Confirmable, canonical form with its own time, house in the path.
+    let canonical = r#"{"ts":1763900000123,"fields":{"power":1.5}}"#;
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-t",
+        "json",
+        "-e",
+        canonical,
+        &url("/t/h1/dev-a"),
+    ])
+    .await;
+    assert!(error_lines(&out).is_empty(), "{out}");
+    // Confirmable, flat form without a time or a house.
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        r#"{"power":2,"on":true}"#,
+        &url("/t/dev-b"),
+    ])
+    .await;
+    assert!(error_lines(&out).is_empty(), "{out}");
+    // Non-confirmable.
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-N",
+        "-e",
+        r#"{"ts":1763900000,"v":3}"#,
+        &url("/t/h2/dev-c"),
+    ])
+    .await;
+    assert!(error_lines(&out).is_empty(), "{out}");
+    // CBOR (Content-Format 60) from a file.
+    let cbor = ciborium::Value::Map(vec![
+        ("ts".into(), 1_763_900_000.into()),
+        (
+            "fields".into(),
+            ciborium::Value::Map(vec![("t".into(), ciborium::Value::Float(21.5))]),
+        ),
+    ]);
+    let file = std::env::temp_dir().join(format!("gw-cbor-{}.bin", std::process::id()));
+    let mut bytes = Vec::new();
+    ciborium::ser::into_writer(&cbor, &mut bytes).unwrap();
+    std::fs::write(&file, bytes).unwrap();
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-t",
+        "60",
+        "-f",
+        file.to_str().unwrap(),
+        &url("/t/h1/dev-d"),
+    ])
+    .await;
+    std::fs::remove_file(&file).unwrap();
+    assert!(error_lines(&out).is_empty(), "{out}");
+    let after = now_millis();
+
+    let records = read_stream(&source, 4, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(
+        records.len(),
+        4,
+        "{:?}",
+        records.iter().map(text).collect::<Vec<_>>()
+    );
+    let keys = by_key(&records);
+    let only = |key: &str| -> String {
+        let texts = &keys[key];
+        assert_eq!(texts.len(), 1, "{key}: {texts:?}");
+        texts[0].clone()
+    };
+    assert_eq!(
+        only("dev-a"),
+        r#"{"device":"dev-a","house":"h1","ts":1763900000123,"fields":{"power":1.5}}"#
+    );
+    let b = json(&only("dev-b"));
+    let ts = b["ts"].as_i64().expect("the arrival time, epoch ms");
+    assert!(
+        (before..=after).contains(&ts),
+        "{ts} not in [{before}, {after}]"
+    );
+    assert_eq!(
+        b,
+        json!({"device": "dev-b", "ts": ts, "power": 2, "on": true})
+    );
+    assert_eq!(
+        only("dev-c"),
+        r#"{"device":"dev-c","house":"h2","ts":1763900000,"v":3}"#
+    );
+    assert_eq!(
+        only("dev-d"),
+        r#"{"device":"dev-d","house":"h1","ts":1763900000,"fields":{"t":21.5}}"#
+    );
+    assert_eq!(
+        gateway.metric("ingest_gateway_records_put_total", &[r#"protocol="coap""#]),
+        4.0
+    );
+    assert!(gateway.terminate(Duration::from_secs(20)).success());
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmissions_are_answered_alike_and_put_once() {
+    let (stream, source) = create_stream("gw-retransmit", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+
+    // Retransmitted after the answer: the same answer, byte for byte.
+    let first = post("/t/h1/dev-r", br#"{"ts":1763900000123,"v":1}"#, 0x1234)
+        .to_bytes()
+        .unwrap();
+    peer.send_bytes(&first).await;
+    let answer = peer.recv_bytes(ANSWER_WITHIN).await.expect("an answer");
+    let parsed = Packet::from_bytes(&answer).unwrap();
+    assert_eq!(parsed.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(
+        (code(&parsed), parsed.header.message_id),
+        ("2.04".into(), 0x1234)
+    );
+    assert_eq!(parsed.get_token(), &0x1234u16.to_be_bytes());
+    for _ in 0..2 {
+        peer.send_bytes(&first).await;
+        assert_eq!(peer.recv_bytes(ANSWER_WITHIN).await, Some(answer.clone()));
+    }
+
+    // Retransmitted at once, while the first is with Kinesis: either an
+    // empty ACK and then one separate 2.04, or the same piggybacked 2.04
+    // twice; in every case one record.
+    let second = post("/t/h1/dev-r", br#"{"ts":1763900000124,"v":2}"#, 0x1235)
+        .to_bytes()
+        .unwrap();
+    peer.send_bytes(&second).await;
+    peer.send_bytes(&second).await;
+    let mut changed = Vec::new();
+    while let Some(message) = peer.recv(Duration::from_secs(3)).await {
+        if message.header.get_type() == MessageType::Confirmable {
+            peer.acknowledge(&message).await;
+        }
+        if code(&message) == "2.04" {
+            assert_eq!(message.get_token(), &0x1235u16.to_be_bytes());
+            changed.push(message);
+        } else {
+            // Only an empty ACK of the request may come besides.
+            assert_eq!(message.header.code, MessageClass::Empty, "{message:?}");
+            assert_eq!(message.header.message_id, 0x1235);
+        }
+    }
+    match changed.as_slice() {
+        [one] => assert!(matches!(
+            one.header.get_type(),
+            MessageType::Acknowledgement | MessageType::Confirmable
+        )),
+        [one, two] => {
+            assert_eq!(one, two);
+            assert_eq!(one.header.get_type(), MessageType::Acknowledgement);
+        }
+        other => panic!("expected one 2.04, or the same one twice: {other:?}"),
+    }
+
+    // Non-confirmable, sent twice: one record, a NON 2.04 each time.
+    let mut non = request(
+        MessageType::NonConfirmable,
+        RequestType::Post,
+        "/t/h1/dev-r",
+        0x1236,
+    );
+    non.payload = br#"{"ts":1763900000125,"v":3}"#.to_vec();
+    for _ in 0..2 {
+        let answer = peer
+            .exchange(&non, ANSWER_WITHIN)
+            .await
+            .expect("a NON answer");
+        assert_eq!(answer.header.get_type(), MessageType::NonConfirmable);
+        assert_eq!(code(&answer), "2.04");
+    }
+
+    // The same message id from another endpoint is another request.
+    let other = CoapPeer::new(gateway.coap).await;
+    let answer = other
+        .exchange(
+            &post("/t/h1/dev-r", br#"{"ts":1763900000126,"v":4}"#, 0x1234),
+            ANSWER_WITHIN,
+        )
+        .await
+        .expect("an answer");
+    assert_eq!(code(&answer), "2.04");
+
+    let records = read_stream(&source, 4, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<i64> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_i64().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, [1, 2, 3, 4]);
+    assert!(records.iter().all(|r| r.partition_key == "dev-r"));
+    assert!(gateway.metric("ingest_gateway_coap_duplicates_total", &[]) >= 4.0);
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_codes_and_nothing_is_put() {
+    let (stream, source) = create_stream("gw-bad-input", 1).await;
+    let gateway = GatewayProcess::start(&stream, &["--max-payload-bytes", "1024"], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let with = |mut packet: Packet, option: CoapOption, value: &[u8]| {
+        packet.add_option(option, value.to_vec());
+        packet
+    };
+    let body = |payload: &[u8]| post("/t/h1/d1", payload, 0);
+    // (request, code, text in the diagnostic payload)
+    let cases: Vec<(Packet, &str, &str)> = vec![
+        (post("/nope", b"{}", 0), "4.04", "no such resource"),
+        (post("/t/a/b/c", b"{}", 0), "4.04", "no such resource"),
+        (
+            request(MessageType::Confirmable, RequestType::Get, "/t/h1/d1", 0),
+            "4.05",
+            "POST only",
+        ),
+        (
+            request(MessageType::Confirmable, RequestType::Put, "/t/d1", 0),
+            "4.05",
+            "POST only",
+        ),
+        (
+            request(MessageType::Confirmable, RequestType::Post, "/health", 0),
+            "4.05",
+            "GET only",
+        ),
+        (body(br#"{"v":1"#), "4.00", "not a JSON object"),
+        (body(br#"[1,2]"#), "4.00", "not a JSON object"),
+        (body(br#"{"v":"NaN"}"#), "4.00", "not_finite"),
+        (body(br#"{"ts":0,"v":1}"#), "4.00", "timestamp_out_of_range"),
+        (body(br#"{"ts":1763900000}"#), "4.00", "no_fields"),
+        (body(br#"{"device":"other","v":1}"#), "4.00", r#""other""#),
+        (body(&[b'x'; 2000]), "4.13", "2000 bytes"),
+        (
+            with(body(br#"{"v":1}"#), CoapOption::Block1, &[0x0e]),
+            "4.13",
+            "block-wise",
+        ),
+        (
+            with(body(br#"{"v":1}"#), CoapOption::ContentFormat, &[0]),
+            "4.15",
+            "Content-Format 0",
+        ),
+        (
+            with(body(b"\xff\xff"), CoapOption::ContentFormat, &[60]),
+            "4.00",
+            "not valid CBOR",
+        ),
+        (
+            with(body(br#"{"v":1}"#), CoapOption::IfMatch, b"x"),
+            "4.02",
+            "critical option 1",
+        ),
+    ];
+    for (i, (mut packet, expected, reason)) in cases.into_iter().enumerate() {
+        packet.header.message_id = 100 + i as u16;
+        let answer = peer
+            .exchange(&packet, ANSWER_WITHIN)
+            .await
+            .expect("an answer");
+        let diagnostic = String::from_utf8_lossy(&answer.payload).into_owned();
+        assert_eq!(code(&answer), expected, "case {i}: {diagnostic}");
+        assert!(
+            diagnostic.contains(reason),
+            "case {i}: {diagnostic:?} lacks {reason:?}"
+        );
+        assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+        if expected == "4.13" {
+            assert_eq!(
+                answer.get_first_option(CoapOption::Size1),
+                Some(&vec![4, 0])
+            );
+        }
+    }
+
+    // The real client sees the codes too.
+    let url = format!("coap://{}/t/h1/d1", gateway.coap);
+    let out = coap_client(&["-m", "post", "-e", "{", &url]).await;
+    assert!(
+        error_lines(&out).iter().any(|l| l.starts_with("4.00")),
+        "{out}"
+    );
+    let out = coap_client(&["-m", "get", &format!("coap://{}/nope", gateway.coap)]).await;
+    assert!(
+        error_lines(&out).iter().any(|l| l.starts_with("4.04")),
+        "{out}"
+    );
+
+    // What is there, and a ping.
+    let core = peer
+        .exchange(
+            &request(
+                MessageType::Confirmable,
+                RequestType::Get,
+                "/.well-known/core",
+                200,
+            ),
+            ANSWER_WITHIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(code(&core), "2.05");
+    assert_eq!(
+        core.get_first_option(CoapOption::ContentFormat),
+        Some(&vec![40])
+    );
+    assert_eq!(
+        core.payload,
+        ingest::gateway::coap::WELL_KNOWN_CORE.as_bytes()
+    );
+    let health = peer
+        .exchange(
+            &request(MessageType::Confirmable, RequestType::Get, "/health", 201),
+            ANSWER_WITHIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(code(&health), "2.05");
+    let ping = [0x40, 0x00, 0x00, 0xca];
+    peer.send_bytes(&ping).await;
+    assert_eq!(
+        peer.recv_bytes(ANSWER_WITHIN).await,
+        Some(vec![0x70, 0x00, 0x00, 0xca])
+    );
+    // A confirmable message that is not CoAP past its header: a reset.
+    peer.send_bytes(&[0x40, 0x02, 0x00, 0xcb, 0xf0]).await;
+    assert_eq!(
+        peer.recv_bytes(ANSWER_WITHIN).await,
+        Some(vec![0x70, 0x00, 0x00, 0xcb])
+    );
+
+    let rejected = |reason: &str| {
+        gateway.metric(
+            "ingest_gateway_rejected_total",
+            &[r#"protocol="coap""#, &format!("reason=\"{reason}\"")],
+        )
+    };
+    let counted = [
+        ("not_found", 3.0),
+        ("method_not_allowed", 3.0),
+        ("bad_payload", 8.0),
+        ("too_large", 2.0),
+        ("unsupported_format", 1.0),
+        ("bad_option", 1.0),
+        ("malformed", 1.0),
+    ];
+    for (reason, count) in counted {
+        assert_eq!(rejected(reason), count, "{reason}");
+    }
+    let records = read_stream(&source, 0, ARRIVE_WITHIN, SETTLE).await;
+    assert!(
+        records.is_empty(),
+        "{:?}",
+        records.iter().map(text).collect::<Vec<_>>()
+    );
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_checked_with_each_devices_key() {
+    let (stream, source) = create_stream("gw-auth", 1).await;
+    let keys = std::env::temp_dir().join(format!("gw-keys-{}", std::process::id()));
+    std::fs::write(&keys, "# device key\ndev-s s3cret\ndev-t hex:00ff\n").unwrap();
+    let gateway = GatewayProcess::start(
+        &stream,
+        &["--auth-keys", keys.to_str().unwrap(), "--require-auth"],
+        &[],
+    )
+    .await;
+    std::fs::remove_file(&keys).unwrap();
+    let url = |path: &str| format!("coap://{}{path}", gateway.coap);
+    let payload = r#"{"ts":1763900000123,"v":1}"#;
+    let signature = ingest::gateway::auth::sign(b"s3cret", payload.as_bytes());
+
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        payload,
+        &url(&format!("/t/h1/dev-s?sig={signature}")),
+    ])
+    .await;
+    assert!(error_lines(&out).is_empty(), "{out}");
+    // (path, payload, what is wrong)
+    let forged = [
+        (
+            format!("/t/h1/dev-s?sig={signature}"),
+            r#"{"ts":1763900000123,"v":2}"#,
+            "signature does not match",
+        ),
+        ("/t/h1/dev-s".to_owned(), payload, "missing signature"),
+        (
+            format!("/t/h1/dev-t?sig={signature}"),
+            payload,
+            "signature does not match",
+        ),
+        (format!("/t/h1/dev-x?sig={signature}"), payload, "not known"),
+    ];
+    for (path, body, reason) in forged {
+        let out = coap_client(&["-m", "post", "-e", body, &url(&path)]).await;
+        let errors = error_lines(&out);
+        assert!(
+            errors
+                .iter()
+                .any(|l| l.starts_with("4.01") && l.contains(reason)),
+            "{path}: {out}"
+        );
+    }
+    let records = read_stream(&source, 1, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        text(&records[0]),
+        r#"{"device":"dev-s","house":"h1","ts":1763900000123,"v":1}"#
+    );
+    assert_eq!(
+        gateway.metric(
+            "ingest_gateway_rejected_total",
+            &[r#"reason="unauthorized""#]
+        ),
+        4.0
+    );
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_down_gives_503_then_recovers() {
+    let (stream, source) = create_stream("gw-kinesis-down", 1).await;
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let via = proxy.url_via(&kinesis);
+    let gateway = GatewayProcess::start(
+        &stream,
+        &["--put-timeout", "8s"],
+        &[("AWS_ENDPOINT_URL_KINESIS", &via)],
+    )
+    .await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let health = |id| request(MessageType::Confirmable, RequestType::Get, "/health", id);
+
+    proxy.cut().await;
+    // /health follows within a probe or two.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 1;
+    loop {
+        let answer = peer.exchange(&health(id), ANSWER_WITHIN).await.unwrap();
+        if code(&answer) == "5.03" {
+            assert_eq!(answer.get_first_option(CoapOption::MaxAge), Some(&vec![5]));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health still says {}",
+            code(&answer)
+        );
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The real client gets 5.03 once the put timeout passed.
+    let url = format!("coap://{}/t/dev-down", gateway.coap);
+    let out = coap_client(&["-m", "post", "-e", r#"{"ts":1763900000123,"v":1}"#, &url]).await;
+    assert!(
+        error_lines(&out).iter().any(|l| l.starts_with("5.03")),
+        "{out}"
+    );
+
+    // A raw request sees how: an empty ACK at once, then a separate
+    // confirmable 5.03 with Max-Age.
+    peer.send(&post("/t/dev-down", br#"{"ts":1763900000124,"v":1}"#, 500))
+        .await;
+    let ack = peer.recv(ANSWER_WITHIN).await.expect("an empty ACK");
+    assert_eq!(
+        (
+            ack.header.get_type(),
+            ack.header.code,
+            ack.header.message_id
+        ),
+        (MessageType::Acknowledgement, MessageClass::Empty, 500)
+    );
+    let late = peer
+        .recv(Duration::from_secs(15))
+        .await
+        .expect("a separate response");
+    assert_eq!(late.header.get_type(), MessageType::Confirmable);
+    assert_eq!(
+        (code(&late), late.get_token()),
+        ("5.03".into(), &500u16.to_be_bytes()[..])
+    );
+    assert_eq!(late.get_first_option(CoapOption::MaxAge), Some(&vec![5]));
+    peer.acknowledge(&late).await;
+
+    // A request retransmitted while it waits for Kinesis gets an empty ACK
+    // (once), and the answer 2.04 separately when Kinesis comes back.
+    let waiting = post("/t/dev-down", br#"{"ts":1763900000125,"v":2}"#, 501);
+    peer.send(&waiting).await;
+    peer.send(&waiting).await;
+    let ack = peer.recv(ANSWER_WITHIN).await.expect("an empty ACK");
+    assert_eq!(
+        (ack.header.code, ack.header.message_id),
+        (MessageClass::Empty, 501)
+    );
+    assert_eq!(
+        peer.recv(Duration::from_millis(1500)).await,
+        None,
+        "one empty ACK only"
+    );
+    proxy.restore().await;
+    let late = peer
+        .recv(Duration::from_secs(15))
+        .await
+        .expect("a separate response");
+    assert_eq!(
+        (late.header.get_type(), code(&late)),
+        (MessageType::Confirmable, "2.04".into())
+    );
+    assert_eq!(late.get_token(), &501u16.to_be_bytes());
+    peer.acknowledge(&late).await;
+    // The gateway stops resending once acknowledged.
+    assert_eq!(peer.recv(Duration::from_secs(4)).await, None);
+    // A late retransmission of the request gets its empty ACK again, not a
+    // second put.
+    let again = peer
+        .exchange(&waiting, ANSWER_WITHIN)
+        .await
+        .expect("an answer");
+    assert_eq!(
+        (again.header.code, again.header.message_id),
+        (MessageClass::Empty, 501)
+    );
+
+    // And then as before: piggybacked.
+    let answer = peer
+        .exchange(
+            &post("/t/dev-down", br#"{"ts":1763900000126,"v":3}"#, 502),
+            ANSWER_WITHIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.header.get_type(), code(&answer)),
+        (MessageType::Acknowledgement, "2.04".into())
+    );
+    let answer = peer.exchange(&health(600), ANSWER_WITHIN).await.unwrap();
+    assert_eq!(code(&answer), "2.05");
+
+    // Only what was answered 2.04 is in the stream.
+    let records = read_stream(&source, 2, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<i64> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_i64().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, [2, 3]);
+    assert!(
+        gateway.metric(
+            "ingest_gateway_rejected_total",
+            &[r#"reason="unavailable""#]
+        ) >= 2.0
+    );
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_messages_become_records_by_topic_layout() {
+    let (stream, source) = create_stream("gw-mqtt", 2).await;
+    let prefix = prefix("mqtt");
+    let mqtt_url = std::env::var("INGEST_MQTT_URL").unwrap();
+    let client_id = format!("{prefix}-gateway");
+    let gateway = GatewayProcess::start(
+        &stream,
+        &[
+            "--mqtt-url",
+            &mqtt_url,
+            "--mqtt-topic",
+            "devices/+/telemetry",
+            "--mqtt-topic",
+            &format!("{prefix}/#"),
+            "--mqtt-client-id",
+            &client_id,
+        ],
+        &[],
+    )
+    .await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+    let before = now_millis();
+    // Default layout 1: devices/{device}/telemetry, a JSON record.
+    mosquitto_pub(
+        "devices/dev-m1/telemetry",
+        r#"{"ts":1763900000123,"fields":{"power":1.5}}"#,
+        1,
+    )
+    .await;
+    mosquitto_pub("devices/dev-m2/telemetry", r#"{"power":2}"#, 1).await;
+    // The topic names the device, as topic(2) AS device does.
+    mosquitto_pub(
+        "devices/dev-m3/telemetry",
+        r#"{"device":"spoof","ts":1763900000,"v":3}"#,
+        1,
+    )
+    .await;
+    mosquitto_pub("devices/dev-m4/telemetry", r#"{"ts":1763900000,"v":4}"#, 0).await;
+    // Default layout 2: <prefix>/{house}/{device}/{name}/{ts}/data|event, one value.
+    mosquitto_pub(
+        &format!("{prefix}/h42/egauge-A/Battery/1763900000/data"),
+        "1.5",
+        1,
+    )
+    .await;
+    mosquitto_pub(
+        &format!("{prefix}/h42/egauge-A/door/2025-11-23T12:00:00Z/event"),
+        "open",
+        1,
+    )
+    .await;
+    // No layout matches, or no JSON object: dropped, counted.
+    mosquitto_pub(
+        &format!("{prefix}/h42/egauge-A/Battery/1763900000/other"),
+        "1",
+        1,
+    )
+    .await;
+    mosquitto_pub("devices/dev-m5/telemetry", "not json", 1).await;
+    let after = now_millis();
+
+    let records = read_stream(&source, 6, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(
+        records.len(),
+        6,
+        "{:?}",
+        records.iter().map(text).collect::<Vec<_>>()
+    );
+    let keys = by_key(&records);
+    let only = |key: &str| -> String {
+        let texts = &keys[key];
+        assert_eq!(texts.len(), 1, "{key}: {texts:?}");
+        texts[0].clone()
+    };
+    assert_eq!(
+        only("dev-m1"),
+        r#"{"device":"dev-m1","ts":1763900000123,"fields":{"power":1.5}}"#
+    );
+    let m2 = json(&only("dev-m2"));
+    let ts = m2["ts"].as_i64().unwrap();
+    assert!((before..=after).contains(&ts), "{ts}");
+    assert_eq!(m2, json!({"device": "dev-m2", "ts": ts, "power": 2}));
+    assert_eq!(
+        only("dev-m3"),
+        r#"{"device":"dev-m3","ts":1763900000,"v":3}"#
+    );
+    assert_eq!(
+        only("dev-m4"),
+        r#"{"device":"dev-m4","ts":1763900000,"v":4}"#
+    );
+    let mut egauge = keys["egauge-A"].clone();
+    egauge.sort();
+    assert_eq!(
+        egauge,
+        [
+            r#"{"device":"egauge-A","house":"h42","ts":"2025-11-23T12:00:00Z","fields":{"door":"open"}}"#,
+            r#"{"device":"egauge-A","house":"h42","ts":1763900000,"fields":{"Battery":1.5}}"#,
+        ]
+    );
+    let received = gateway
+        .wait_for_metric(
+            "ingest_gateway_mqtt_messages_total",
+            &[],
+            sentinels + 8.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(received, sentinels + 8.0);
+    assert_eq!(
+        gateway.metric(
+            "ingest_gateway_rejected_total",
+            &[r#"protocol="mqtt""#, r#"reason="bad_payload""#]
+        ),
+        1.0
+    );
+    source.delete_stream().await.unwrap();
+}
+
+/// Starts a gateway bridging `<prefix>/{device}/telemetry` as `client_id`,
+/// through `kinesis` (an endpoint URL).
+async fn mqtt_gateway(
+    stream: &str,
+    prefix: &str,
+    client_id: &str,
+    kinesis: &str,
+) -> GatewayProcess {
+    let mqtt_url = std::env::var("INGEST_MQTT_URL").unwrap();
+    GatewayProcess::start(
+        stream,
+        &[
+            "--mqtt-url",
+            &mqtt_url,
+            "--mqtt-topic",
+            &format!("{prefix}/#"),
+            "--mqtt-layout",
+            &format!("{prefix}/{{device}}/telemetry"),
+            "--mqtt-client-id",
+            client_id,
+        ],
+        &[("AWS_ENDPOINT_URL_KINESIS", kinesis)],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_messages_wait_unacknowledged_while_kinesis_is_down() {
+    let (stream, source) = create_stream("gw-mqtt-down", 1).await;
+    let prefix = prefix("mqtt-down");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let gateway = mqtt_gateway(
+        &stream,
+        &prefix,
+        &format!("{prefix}-gw"),
+        &proxy.url_via(&kinesis),
+    )
+    .await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+    let acked = gateway.metric("ingest_gateway_mqtt_acked_total", &[]);
+
+    proxy.cut().await;
+    for i in 1..=5 {
+        mosquitto_pub(
+            &format!("{prefix}/dev-q{i}/telemetry"),
+            &format!(r#"{{"ts":1763900000,"v":{i}}}"#),
+            1,
+        )
+        .await;
+    }
+    let received = gateway
+        .wait_for_metric(
+            "ingest_gateway_mqtt_messages_total",
+            &[],
+            sentinels + 5.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(received, sentinels + 5.0);
+    // Held, not acknowledged, for as long as Kinesis is away.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gateway.metric("ingest_gateway_mqtt_unacked", &[]), 5.0);
+    assert_eq!(
+        gateway.metric("ingest_gateway_mqtt_acked_total", &[]),
+        acked
+    );
+    assert_eq!(gateway.metric("ingest_gateway_records_put_total", &[]), 0.0);
+
+    proxy.restore().await;
+    let records = read_stream(&source, 5, ARRIVE_WITHIN, SETTLE).await;
+    let mut keys: Vec<String> = records.iter().map(|r| r.partition_key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, ["dev-q1", "dev-q2", "dev-q3", "dev-q4", "dev-q5"]);
+    let now_acked = gateway
+        .wait_for_metric(
+            "ingest_gateway_mqtt_acked_total",
+            &[],
+            acked + 5.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(now_acked, acked + 5.0);
+    assert_eq!(gateway.metric("ingest_gateway_mqtt_unacked", &[]), 0.0);
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_messages_survive_a_gateway_crash_while_kinesis_is_down() {
+    let (stream, source) = create_stream("gw-mqtt-crash", 1).await;
+    let prefix = prefix("mqtt-crash");
+    let client_id = format!("{prefix}-gw");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let mut first = mqtt_gateway(&stream, &prefix, &client_id, &proxy.url_via(&kinesis)).await;
+    let sentinels = wait_until_subscribed(&first, &prefix).await;
+
+    proxy.cut().await;
+    for i in 1..=5 {
+        mosquitto_pub(
+            &format!("{prefix}/dev-c{i}/telemetry"),
+            &format!(r#"{{"ts":1763900000,"v":{i}}}"#),
+            1,
+        )
+        .await;
+    }
+    let received = first
+        .wait_for_metric(
+            "ingest_gateway_mqtt_messages_total",
+            &[],
+            sentinels + 5.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(received, sentinels + 5.0);
+    assert_eq!(first.metric("ingest_gateway_mqtt_unacked", &[]), 5.0);
+    // A crash: nothing acknowledged, nothing put.
+    first.kill();
+
+    // The next gateway with the same client id gets the messages again from
+    // the broker, and Kinesis is back.
+    let second = mqtt_gateway(&stream, &prefix, &client_id, &kinesis).await;
+    let records = read_stream(&source, 5, ARRIVE_WITHIN, Duration::from_secs(3)).await;
+    let mut keys: Vec<String> = records.iter().map(|r| r.partition_key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, ["dev-c1", "dev-c2", "dev-c3", "dev-c4", "dev-c5"]);
+    assert!(second.metric("ingest_gateway_mqtt_acked_total", &[]) >= 5.0);
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_gets_500_and_health_says_why() {
+    let (stream, source) = create_stream("gw-deleted", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    source.delete_stream().await.unwrap();
+
+    // Retrying cannot bring a stream back: 5.00 at once, not 5.03 later.
+    let answer = peer
+        .exchange(
+            &post("/t/dev-gone", br#"{"ts":1763900000123,"v":1}"#, 1),
+            ANSWER_WITHIN,
+        )
+        .await
+        .expect("an answer");
+    assert_eq!(code(&answer), "5.00", "{answer:?}");
+    assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+    let health = peer
+        .exchange(
+            &request(MessageType::Confirmable, RequestType::Get, "/health", 2),
+            ANSWER_WITHIN,
+        )
+        .await
+        .expect("an answer");
+    assert_eq!(code(&health), "5.03");
+    let reason = String::from_utf8_lossy(&health.payload);
+    assert!(reason.contains("not found"), "{reason}");
+    assert_eq!(
+        gateway.metric("ingest_gateway_rejected_total", &[r#"reason="refused""#]),
+        1.0
+    );
+}
