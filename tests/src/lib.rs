@@ -65,6 +65,18 @@ impl TestDb {
         TestDb { name, url }
     }
 
+    /// A new database with the schema applied by the real `ingest migrate`.
+    pub async fn migrated(test_name: &str) -> TestDb {
+        let db = TestDb::create(test_name).await;
+        let output = run_ingest(&["migrate", "--database-url", &db.url], &[]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        db
+    }
+
     /// A client connected to this database as the admin role.
     pub async fn client(&self) -> Client {
         connect(&self.url).await

@@ -116,21 +116,10 @@ async fn wait_for_archive(
     }
 }
 
-async fn migrated(name: &str) -> TestDb {
-    let db = TestDb::create(name).await;
-    let output = tests::run_ingest(&["migrate", "--database-url", &db.url], &[]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    db
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_archive_holds_every_record_put_into_the_stream() {
     let spec = provisioned("archive-all").await;
-    let db = migrated("archive_all").await;
+    let db = TestDb::migrated("archive_all").await;
     let (stream, source) = create_stream("archive-all", 2).await;
     let mut put = records(20, 1_500, TS);
     // A pretty-printed record (newlines as whitespace) and an undecodable one are archived too.
@@ -242,7 +231,7 @@ async fn provisioning_sets_the_glacier_lifecycle_and_a_second_run_changes_nothin
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unavailable_archive_holds_the_checkpoints_and_everything_lands_once_it_is_back() {
     let spec = provisioned("archive-outage").await;
-    let db = migrated("archive_outage").await;
+    let db = TestDb::migrated("archive_outage").await;
     let (stream, source) = create_stream("archive-outage", 1).await;
     let moto = std::env::var("AWS_ENDPOINT_URL").unwrap();
     let proxy = TcpProxy::start(&tests::proxy::host_port(&moto)).await;

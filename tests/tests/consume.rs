@@ -13,17 +13,6 @@ const LAND_WITHIN: Duration = Duration::from_secs(90);
 const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
 const TS: i64 = 1_763_900_000_000;
 
-async fn migrated(name: &str) -> TestDb {
-    let db = TestDb::create(name).await;
-    let output = tests::run_ingest(&["migrate", "--database-url", &db.url], &[]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    db
-}
-
 async fn owners(client: &tokio_postgres::Client, stream: &str) -> Vec<(Option<String>, i64)> {
     client
         .query(
@@ -56,7 +45,7 @@ async fn wait_for_owners(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_record_of_a_four_shard_stream_lands_exactly_once() {
-    let db = migrated("consume_exactly_once").await;
+    let db = TestDb::migrated("consume_exactly_once").await;
     let client = db.client().await;
     let (stream, source) = create_stream("exactly-once", 4).await;
     let put = records(50, 4_000, TS);
@@ -93,7 +82,7 @@ async fn every_record_of_a_four_shard_stream_lands_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_workers_share_the_shards_and_a_killed_one_loses_nothing() {
-    let db = migrated("consume_kill").await;
+    let db = TestDb::migrated("consume_kill").await;
     let client = db.client().await;
     let (stream, source) = create_stream("kill", 4).await;
     let mut workers: Vec<ConsumerProcess> = ["w1", "w2", "w3"]
@@ -140,7 +129,7 @@ async fn three_workers_share_the_shards_and_a_killed_one_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_releases_the_leases_and_the_other_worker_takes_over() {
-    let db = migrated("consume_sigterm").await;
+    let db = TestDb::migrated("consume_sigterm").await;
     let client = db.client().await;
     let (stream, source) = create_stream("sigterm", 4).await;
     let mut first = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
@@ -175,7 +164,7 @@ async fn sigterm_releases_the_leases_and_the_other_worker_takes_over() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_records_become_dead_letters_and_good_ones_land() {
-    let db = migrated("consume_dead_letters").await;
+    let db = TestDb::migrated("consume_dead_letters").await;
     let client = db.client().await;
     let (stream, source) = create_stream("dead-letters", 1).await;
     let deep = format!(
@@ -249,7 +238,7 @@ async fn bad_records_become_dead_letters_and_good_ones_land() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_shows_shards_owners_checkpoints_and_workers() {
-    let db = migrated("consume_status").await;
+    let db = TestDb::migrated("consume_status").await;
     let client = db.client().await;
     let (stream, source) = create_stream("status", 2).await;
     let put = records(10, 200, TS);
@@ -316,7 +305,7 @@ async fn status_shows_shards_owners_checkpoints_and_workers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_health_and_readiness_are_served() {
-    let db = migrated("consume_metrics").await;
+    let db = TestDb::migrated("consume_metrics").await;
     let client = db.client().await;
     let (stream, source) = create_stream("metrics", 1).await;
     let mut put = records(5, 100, TS);

@@ -36,17 +36,6 @@ const BATCHES_WAITING: &str = "SELECT count(*) FROM pg_stat_activity
     WHERE datname = current_database() AND wait_event_type = 'Lock'
       AND (query LIKE 'COPY telemetry.samples%' OR query LIKE '%SET checkpoint%')";
 
-async fn migrated(name: &str) -> TestDb {
-    let db = TestDb::create(name).await;
-    let output = tests::run_ingest(&["migrate", "--database-url", &db.url], &[]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    db
-}
-
 /// Polls `query` (one bigint, with `params`) until it returns at least
 /// `expected` or `within` passes; returns the last value.
 async fn wait_for(
@@ -260,7 +249,7 @@ fn sequence_le(a: &str, b: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_split_and_a_merge_during_a_run_lose_and_double_nothing() {
-    let db = migrated("faults_reshard").await;
+    let db = TestDb::migrated("faults_reshard").await;
     let client = db.client().await;
     let (stream, source) = create_stream("reshard", 2).await;
     // A small GetRecords limit (at most 500 records a second per shard)
@@ -422,7 +411,7 @@ async fn a_split_and_a_merge_during_a_run_lose_and_double_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_going_away_and_coming_back_loses_nothing() {
-    let db = migrated("faults_database_away").await;
+    let db = TestDb::migrated("faults_database_away").await;
     let client = db.client().await;
     let (stream, source) = create_stream("database-away", 2).await;
     let proxy = TcpProxy::start(&host_port(&db.url)).await;
@@ -487,7 +476,7 @@ async fn the_database_going_away_and_coming_back_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
-    let db = migrated("faults_stolen_lease").await;
+    let db = TestDb::migrated("faults_stolen_lease").await;
     let client = db.client().await;
     let (stream, source) = create_stream("stolen-lease", 2).await;
     let mut worker = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
@@ -597,7 +586,7 @@ async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() {
-    let db = migrated("faults_kill_mid_batch").await;
+    let db = TestDb::migrated("faults_kill_mid_batch").await;
     let client = db.client().await;
     let (stream, source) = create_stream("kill-mid-batch", 4).await;
     // At most 500 records a second per shard (a small GetRecords limit):
@@ -657,7 +646,7 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothing() {
-    let db = migrated("faults_lease_back").await;
+    let db = TestDb::migrated("faults_lease_back").await;
     let client = db.client().await;
     let (stream, source) = create_stream("lease-back", 1).await;
     let shard = "shardId-000000000000";

@@ -5,18 +5,7 @@ use std::time::Instant;
 use ingest::batch::{Batch, SeriesCache, missing_series};
 use ingest::decode::{DecodeLimits, Decoder};
 use ingest::sink::postgres::{Outcome, resolve_series, write_batch};
-use tests::{TestDb, run_ingest};
-
-async fn migrated(name: &str) -> TestDb {
-    let db = TestDb::create(name).await;
-    let output = run_ingest(&["migrate", "--database-url", &db.url], &[]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    db
-}
+use tests::TestDb;
 
 async fn add_lease(client: &tokio_postgres::Client, shard: &str, owner: &str, counter: i64) {
     client
@@ -57,7 +46,7 @@ async fn add(
 
 #[tokio::test]
 async fn a_batch_commits_rows_and_checkpoints_together() {
-    let db = migrated("sink_commit").await;
+    let db = TestDb::migrated("sink_commit").await;
     let mut client = db.client().await;
     add_lease(&client, "shard-a", "w1", 3).await;
     add_lease(&client, "shard-b", "w1", 1).await;
@@ -160,7 +149,7 @@ async fn a_batch_commits_rows_and_checkpoints_together() {
 
 #[tokio::test]
 async fn a_lost_lease_writes_nothing_and_names_the_shard() {
-    let db = migrated("sink_fencing").await;
+    let db = TestDb::migrated("sink_fencing").await;
     let mut client = db.client().await;
     add_lease(&client, "shard-a", "w1", 1).await;
     add_lease(&client, "shard-b", "w1", 1).await;
