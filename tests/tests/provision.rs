@@ -5,6 +5,7 @@
 
 use std::process::Command;
 
+use ingest::archive::provision::{lifecycle, s3_client};
 use ingest::provision::iot::{TopicRuleState, describe_rule};
 use ingest::source::kinesis::KinesisSource;
 
@@ -179,4 +180,88 @@ async fn what_cannot_be_done_is_said_in_one_line() {
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     source.delete_stream().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_archive_flags_make_the_bucket_lifecycle_and_delivery_stream_once() {
+    let (stream, _) = unique("archive");
+    let bucket = format!("{stream}-raw");
+    let delivery = format!("{stream}-firehose");
+    let args = [
+        "--stream",
+        &stream,
+        "--iot-rule",
+        "off",
+        "--bucket",
+        &bucket,
+        "--delivery-stream",
+        &delivery,
+        "--glacier-after-days",
+        "14",
+        "--expire-after-days",
+        "400",
+    ];
+    let (ok, stdout, stderr) = provision(&args);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines[1], format!("bucket          {bucket}: created"));
+    assert_eq!(
+        lines[2],
+        "lifecycle       created: enabled: objects under raw/ to GLACIER after 14 days, \
+         expire after 400 days"
+    );
+    assert!(
+        lines[3].starts_with(&format!(
+            "delivery stream {delivery}: created (gzip, to s3://{bucket}/raw/year="
+        )) && lines[3].ends_with("buffer 300 s or 5 MiB)"),
+        "{stdout}"
+    );
+
+    // What S3 holds, read back independently of the output.
+    let shared = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let state = lifecycle(&s3_client(&shared), &bucket)
+        .await
+        .unwrap()
+        .expect("a lifecycle rule");
+    assert_eq!(
+        (state.glacier_after_days, state.expire_after_days),
+        (Some(14), Some(400))
+    );
+    let firehose = aws_sdk_firehose::Client::new(&shared);
+    let described = firehose
+        .describe_delivery_stream()
+        .delivery_stream_name(&delivery)
+        .send()
+        .await
+        .expect("the delivery stream");
+    assert_eq!(
+        described
+            .delivery_stream_description()
+            .map(|d| d.delivery_stream_name()),
+        Some(delivery.as_str())
+    );
+
+    // Again: nothing created, nothing changed.
+    let (ok, again, stderr) = provision(&args);
+    assert!(ok, "{stderr}");
+    let again: Vec<&str> = again.lines().collect();
+    assert_eq!(again[1], format!("bucket          {bucket}: exists"));
+    assert!(
+        again[2].starts_with("lifecycle       unchanged: "),
+        "{again:?}"
+    );
+    assert_eq!(again[3], format!("delivery stream {delivery}: exists"));
+
+    // Only one of the pair is refused before anything is made.
+    let (ok, _, stderr) = provision(&["--stream", &stream, "--bucket", &bucket]);
+    assert!(!ok);
+    assert!(stderr.contains("--delivery-stream"), "{stderr}");
+
+    KinesisSource::from_env(&stream)
+        .await
+        .unwrap()
+        .delete_stream()
+        .await
+        .unwrap();
 }

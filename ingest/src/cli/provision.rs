@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 
+use ingest::archive::{self, provision::ArchiveSpec};
 use ingest::provision::iot::{self, TopicRuleSpec};
 use ingest::provision::{Step, stream};
 use ingest::source::kinesis::{KinesisSource, StreamCapacity};
@@ -13,10 +14,14 @@ use super::ConfigFile;
 /// and a role name that says what it is for. Against AWS the role must be
 /// given (--iot-role-arn).
 const EMULATOR_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/ingest-iot-to-kinesis";
+/// The same for the role Firehose assumes to write the bucket.
+const EMULATOR_FIREHOSE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/ingest-firehose-to-s3";
 
-/// Create the AWS side, idempotently: the Kinesis stream and the IoT topic rule
-/// that routes MQTT telemetry from AWS IoT Core into it. Prints, for each, what
-/// it created, found or updated.
+/// Create the AWS side, idempotently: the Kinesis stream, the IoT topic rule
+/// that routes MQTT telemetry from AWS IoT Core into it and, with --bucket and
+/// --delivery-stream, the raw archive (S3 bucket, its GLACIER lifecycle, the
+/// Firehose delivery stream). Prints, for each, what it created, found or
+/// updated; the lifecycle as read back from S3.
 ///
 /// Running it again changes nothing. An existing stream keeps its shards (a
 /// different --shards is reported, not applied); an existing topic rule that
@@ -62,6 +67,33 @@ pub struct ProvisionArgs {
         default_value = "/ingest/iot-rule-errors"
     )]
     iot_error_log_group: String,
+    /// The raw archive's S3 bucket (with --delivery-stream).
+    #[arg(long, env = "INGEST_BUCKET", requires = "delivery_stream")]
+    bucket: Option<String>,
+    /// The raw archive's Firehose delivery stream, writing gzip objects to
+    /// --bucket under raw/year=/month=/day=/hour=/ (with --bucket).
+    #[arg(long, env = "INGEST_DELIVERY_STREAM", requires = "bucket")]
+    delivery_stream: Option<String>,
+    /// Days after which archived objects move to GLACIER.
+    #[arg(long, env = "INGEST_GLACIER_AFTER_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(i32).range(0..))]
+    glacier_after_days: i32,
+    /// Days after which archived objects are deleted. [default: never]
+    #[arg(long, env = "INGEST_EXPIRE_AFTER_DAYS",
+          value_parser = clap::value_parser!(i32).range(1..))]
+    expire_after_days: Option<i32>,
+    /// Firehose delivers a buffer after this many seconds (60 to 900) ...
+    #[arg(long, env = "INGEST_ARCHIVE_BUFFER_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(i32).range(0..=900))]
+    archive_buffer_seconds: i32,
+    /// ... or this many MiB (1 to 128), whichever comes first.
+    #[arg(long, env = "INGEST_ARCHIVE_BUFFER_MIB", default_value_t = 5,
+          value_parser = clap::value_parser!(i32).range(1..=128))]
+    archive_buffer_mib: i32,
+    /// The role Firehose assumes to write the bucket.
+    /// [default with an emulator (AWS_ENDPOINT_URL set): a role in moto's account]
+    #[arg(long, env = "INGEST_FIREHOSE_ROLE_ARN")]
+    firehose_role_arn: Option<String>,
 }
 
 pub async fn run(args: ProvisionArgs, _file: ConfigFile) -> anyhow::Result<()> {
@@ -82,7 +114,12 @@ pub async fn run(args: ProvisionArgs, _file: ConfigFile) -> anyhow::Result<()> {
                 .unwrap_or_else(|| TopicRuleSpec::default_sql(&args.iot_topic_filter)),
             stream: stream_name(&args.stream).to_owned(),
             partition_key: args.iot_partition_key.clone(),
-            role_arn: role_arn(args.iot_role_arn.clone())?,
+            role_arn: role_arn(
+                args.iot_role_arn.clone(),
+                EMULATOR_ROLE_ARN,
+                "--iot-role-arn is required against AWS: the role AWS IoT assumes to put into \
+                 the stream (kinesis:PutRecord) and to write the error log; or --iot-rule off",
+            )?,
             error_log_group: args.iot_error_log_group.clone(),
         }),
     };
@@ -91,11 +128,33 @@ pub async fn run(args: ProvisionArgs, _file: ConfigFile) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .context("invalid --iot-rule or --iot-role-arn")?;
     }
+    let archive = match (&args.bucket, &args.delivery_stream) {
+        (Some(bucket), Some(delivery_stream)) => Some(ArchiveSpec {
+            bucket: bucket.clone(),
+            delivery_stream: delivery_stream.clone(),
+            role_arn: role_arn(
+                args.firehose_role_arn.clone(),
+                EMULATOR_FIREHOSE_ROLE_ARN,
+                "--firehose-role-arn is required against AWS: the role Firehose assumes to \
+                 write the bucket (s3:PutObject and friends)",
+            )?,
+            glacier_after_days: args.glacier_after_days,
+            expire_after_days: args.expire_after_days,
+            buffer_seconds: args.archive_buffer_seconds,
+            buffer_mib: args.archive_buffer_mib,
+        }),
+        _ => None,
+    };
 
     let source = KinesisSource::from_env(&args.stream).await?;
     report(stream::ensure(&source, capacity).await?);
     if let Some(rule) = &rule {
         report(iot::ensure(rule).await?);
+    }
+    if let Some(archive) = &archive {
+        for line in archive::provision::provision(archive).await? {
+            println!("{line}");
+        }
     }
     Ok(())
 }
@@ -111,7 +170,9 @@ fn stream_name(stream: &str) -> &str {
         .map_or(stream, |(_, name)| name)
 }
 
-fn role_arn(given: Option<String>) -> anyhow::Result<String> {
+/// The given role, or against an emulator a stand-in one; against AWS a role
+/// must be given, and `required` says which and why.
+fn role_arn(given: Option<String>, emulated_role: &str, required: &str) -> anyhow::Result<String> {
     if let Some(arn) = given {
         return Ok(arn);
     }
@@ -119,11 +180,8 @@ fn role_arn(given: Option<String>) -> anyhow::Result<String> {
         .iter()
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
     if emulated {
-        Ok(EMULATOR_ROLE_ARN.to_owned())
+        Ok(emulated_role.to_owned())
     } else {
-        anyhow::bail!(
-            "--iot-role-arn is required against AWS: the role AWS IoT assumes to put into \
-             the stream (kinesis:PutRecord) and to write the error log; or --iot-rule off"
-        )
+        anyhow::bail!("{required}")
     }
 }
