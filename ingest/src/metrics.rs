@@ -72,5 +72,7 @@ pub const GATEWAY_MQTT_MESSAGES: &str = "ingest_gateway_mqtt_messages_total";
 pub const GATEWAY_MQTT_ACKED: &str = "ingest_gateway_mqtt_acked_total";
 /// MQTT messages received and not acknowledged yet.
 pub const GATEWAY_MQTT_UNACKED: &str = "ingest_gateway_mqtt_unacked";
+/// 1 while the MQTT bridge is connected and its subscriptions acknowledged.
+pub const GATEWAY_MQTT_SUBSCRIBED: &str = "ingest_gateway_mqtt_subscribed";
 /// MQTT connection failures (each is retried).
 pub const GATEWAY_MQTT_CONNECTION_ERRORS: &str = "ingest_gateway_mqtt_connection_errors_total";

@@ -313,6 +313,8 @@ pub async fn run(
                 if current.separate || current.retransmissions == MAX_RETRANSMIT || now >= context.deadline {
                     let why = if current.separate {
                         format!("no separate response within {ANSWER_WAIT:?}")
+                    } else if current.retransmissions < MAX_RETRANSMIT {
+                        "no answer before the run's end (--drain)".to_owned()
                     } else {
                         format!("no answer after {} retransmissions", current.retransmissions)
                     };

@@ -44,6 +44,8 @@ pub struct Report {
     pub protocols: BTreeMap<&'static str, ProtocolReport>,
     pub target_rate: f64,
     pub achieved_rate: f64,
+    /// loadgen's own CPU use in the window, in cores (1.0: one core busy).
+    pub loadgen_cores: Option<f64>,
     pub verification: Option<Verification>,
 }
 
@@ -108,6 +110,7 @@ impl Report {
             protocols,
             target_rate,
             achieved_rate,
+            loadgen_cores: *result.context.window_cores.lock().expect("not poisoned"),
             verification: None,
         }
     }
@@ -143,6 +146,13 @@ impl Report {
                 0.0
             }
         );
+        if let Some(cores) = self.loadgen_cores {
+            let _ = writeln!(
+                out,
+                "loadgen itself used {:.0}% of one core in the window",
+                cores * 100.0
+            );
+        }
         let _ = writeln!(
             out,
             "\n{:<6}{:>8}{:>12}{:>12}{:>12}{:>9}{:>11}   ack latency ms: p50 / p90 / p99 / max",

@@ -23,6 +23,19 @@ pub struct Context {
     pub deadline: Instant,
     /// How long an MQTT PUBACK may take.
     pub ack_timeout: Duration,
+    /// loadgen's own CPU use during the measured window, in cores.
+    pub window_cores: std::sync::Mutex<Option<f64>>,
+}
+
+/// This process's CPU time so far (user and system), from /proc/self/stat
+/// (fields 14 and 15, in clock ticks of 1/100 s on Linux).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Where devices send to.
@@ -100,7 +113,23 @@ pub async fn run(devices: Vec<DeviceTraffic>, targets: &Targets, options: RunOpt
         stats: Stats::default(),
         deadline: clock.due(options.last_due) + options.drain,
         ack_timeout: options.ack_timeout,
+        window_cores: std::sync::Mutex::new(None),
     });
+    let cpu_meter = {
+        let context = Arc::clone(&context);
+        tokio::spawn(async move {
+            let (from, to) = context.clock.window;
+            tokio::time::sleep_until(context.clock.due(from).into()).await;
+            let (Some(before), started) = (cpu_seconds(), Instant::now()) else {
+                return;
+            };
+            tokio::time::sleep_until(context.clock.due(to).into()).await;
+            if let Some(after) = cpu_seconds() {
+                *context.window_cores.lock().expect("not poisoned") =
+                    Some((after - before) / started.elapsed().as_secs_f64());
+            }
+        })
+    };
     let progress = progress_bar(options.progress, options.messages);
     let ticker = {
         let context = Arc::clone(&context);
@@ -145,6 +174,7 @@ pub async fn run(devices: Vec<DeviceTraffic>, targets: &Targets, options: RunOpt
         outcomes.push(outcome.expect("a device task does not panic"));
     }
     ticker.abort();
+    cpu_meter.abort();
     progress.finish_and_clear();
     RunResult {
         outcomes,

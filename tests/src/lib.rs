@@ -124,12 +124,22 @@ pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
 /// The `ingest` binary next to this test's executable. `dev/test` builds it
 /// first; a bare `cargo test` needs `cargo build --bins` before it.
 pub fn ingest_bin() -> PathBuf {
+    workspace_bin("ingest")
+}
+
+/// The `loadgen` binary built next to the tests.
+pub fn loadgen_bin() -> PathBuf {
+    workspace_bin("loadgen")
+}
+
+/// A binary of the workspace, from the test's own target directory.
+fn workspace_bin(name: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test's own path");
     let mut dir = test_exe.parent().expect("a directory").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("ingest");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} does not exist: run `cargo build --bins` first (dev/test does)",

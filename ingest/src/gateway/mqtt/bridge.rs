@@ -117,10 +117,16 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let mut refused = false;
                 for (filter, code) in settings.filters.iter().zip(&ack.return_codes) {
                     if *code == rumqttc::SubscribeReasonCode::Failure {
+                        refused = true;
                         tracing::error!(%filter, "the broker refused the subscription");
                     }
+                }
+                if !refused {
+                    tracing::info!(filters = ?settings.filters, "MQTT bridge subscribed");
+                    metrics::gauge!(m::GATEWAY_MQTT_SUBSCRIBED).set(1.0);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -135,6 +141,7 @@ pub async fn run(
             Ok(_) => {}
             Err(error) => {
                 metrics::counter!(m::GATEWAY_MQTT_CONNECTION_ERRORS).increment(1);
+                metrics::gauge!(m::GATEWAY_MQTT_SUBSCRIBED).set(0.0);
                 let delay = backoff.next_delay();
                 if connected {
                     tracing::warn!(%error, "MQTT connection lost; reconnecting");
