@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use rand::{Rng, SeedableRng};
@@ -27,6 +27,29 @@ const ACK_RANDOM_FACTOR: f64 = 1.5;
 const MAX_RETRANSMIT: u32 = 4;
 /// How long a separate response, or a NON's answer, is waited for.
 const ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// Message ids advance with the clock, 250 a second, wrapping after 262 s:
+/// longer than EXCHANGE_LIFETIME (247 s), during which the gateway takes a
+/// repeated (endpoint, id) for a retransmission. So a device that gets a
+/// port another device used a moment ago (a run after a run) never repeats
+/// one of its ids, at up to 250 messages a second per device.
+const IDS_PER_SECOND: u128 = 250;
+
+fn clock_message_id(now: SystemTime) -> u16 {
+    let millis = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    (millis * IDS_PER_SECOND / 1000 % 65_536) as u16
+}
+
+/// The id after `previous`: the clock's, unless that is not ahead of it.
+fn next_message_id(previous: u16, now: SystemTime) -> u16 {
+    let clock = clock_message_id(now);
+    let ahead = clock.wrapping_sub(previous);
+    if ahead != 0 && ahead < 32_768 {
+        clock
+    } else {
+        previous.wrapping_add(1)
+    }
+}
 
 /// A POST of `payload` to `path`.
 fn post(path: &str, payload: &[u8], kind: MessageType, message_id: u16, token: u32) -> Vec<u8> {
@@ -192,14 +215,9 @@ pub async fn run(
             return outcome(fates);
         }
     };
-    // Ids and tokens start where the device's own seed says.
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        traffic
-            .device
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
-    );
-    let mut message_id: u16 = rng.random();
+    // Retransmission jitter and tokens: random, not part of the traffic.
+    let mut rng = ChaCha8Rng::from_os_rng();
+    let mut message_id: u16 = clock_message_id(SystemTime::now()).wrapping_sub(1);
     let mut token: u32 = rng.random();
     let mut exchange: Option<Exchange> = None;
     let mut non_waiting: VecDeque<NonWaiting> = VecDeque::new();
@@ -229,7 +247,7 @@ pub async fn run(
         tokio::select! {
             () = sleep_until(due.unwrap_or(far).into()), if due.is_some() => {
                 let message = messages.next().expect("peeked");
-                message_id = message_id.wrapping_add(1);
+                message_id = next_message_id(message_id, SystemTime::now());
                 token = token.wrapping_add(1);
                 let kind = if confirmable { MessageType::Confirmable } else { MessageType::NonConfirmable };
                 let bytes = post(&traffic.target, &message.payload, kind, message_id, token);
@@ -361,4 +379,34 @@ fn settle(
         stats.errors.fetch_add(1, Ordering::Relaxed);
     }
     fates.push((ts_ms, fate));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_follow_the_clock_and_never_repeat_within_a_device() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_763_900_000);
+        let first = clock_message_id(t0);
+        // One a second: the clock's id, 250 on each time.
+        let next = next_message_id(first, t0 + Duration::from_secs(1));
+        assert_eq!(next, first.wrapping_add(250));
+        // Faster than the clock: one more each time.
+        let burst = next_message_id(next, t0 + Duration::from_secs(1));
+        assert_eq!(burst, next.wrapping_add(1));
+        // A device starting 10 s after another one used the same port for
+        // 10 s at 100 messages a second starts beyond every id it used.
+        let mut id = clock_message_id(t0).wrapping_sub(1);
+        let mut used = std::collections::HashSet::new();
+        for i in 0..1000u64 {
+            id = next_message_id(id, t0 + Duration::from_millis(i * 10));
+            assert!(used.insert(id), "an id repeated");
+        }
+        let later = next_message_id(
+            clock_message_id(t0 + Duration::from_secs(20)).wrapping_sub(1),
+            t0 + Duration::from_secs(20),
+        );
+        assert!(!used.contains(&later));
+    }
 }

@@ -4,8 +4,9 @@
 //! [`TcpProxy::cut`] resets every open connection both ways (RST to the
 //! client and to the service, so the client sees "connection reset" and the
 //! service ends the session, rolling back its transaction) and closes the
-//! listening socket, so that new connections are refused.
-//! [`TcpProxy::restore`] listens again on the same address. The proxy runs
+//! listening socket, so that new connections are refused; it keeps the port
+//! bound meanwhile, so no other listener takes it. [`TcpProxy::restore`]
+//! listens again on the same port. The proxy runs
 //! on the calling test's tokio runtime; dropping it closes everything.
 
 use std::net::SocketAddr;
@@ -27,6 +28,9 @@ pub struct TcpProxy {
     shared: Arc<Shared>,
     /// The accept loop while the proxy is up; it owns the listening socket.
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// While cut: the port, bound but not listening (connections are
+    /// refused), so that no other test's listener takes it meanwhile.
+    holder: Mutex<Option<TcpSocket>>,
 }
 
 #[derive(Debug)]
@@ -61,6 +65,7 @@ impl TcpProxy {
             address,
             shared,
             acceptor: Mutex::new(Some(acceptor)),
+            holder: Mutex::new(None),
         }
     }
 
@@ -86,6 +91,21 @@ impl TcpProxy {
             // The listening socket is closed when the aborted task is dropped.
             let _ = acceptor.await;
         }
+        let deadline = Instant::now() + REBIND_WITHIN;
+        let holder = loop {
+            match bind(self.address) {
+                Ok(holder) => break holder,
+                Err(error) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the proxy cannot hold {} while cut: {error}",
+                        self.address
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        *self.holder.lock().expect("not poisoned") = Some(holder);
         self.shared
             .generation
             .send_modify(|generation| *generation += 1);
@@ -102,18 +122,25 @@ impl TcpProxy {
     /// Listens on the same address again and forwards new connections.
     pub async fn restore(&self) {
         let deadline = Instant::now() + REBIND_WITHIN;
-        let listener = loop {
-            match listen(self.address) {
-                Ok(listener) => break listener,
-                Err(error) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "the proxy cannot listen on {} again: {error}",
-                        self.address
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = self.holder.lock().expect("not poisoned").take();
+        let listener = match held {
+            // The usual way: the port was held since the cut.
+            Some(holder) => holder
+                .listen(1024)
+                .unwrap_or_else(|error| panic!("the proxy cannot listen again: {error}")),
+            None => loop {
+                match listen(self.address) {
+                    Ok(listener) => break listener,
+                    Err(error) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "the proxy cannot listen on {} again: {error}",
+                            self.address
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
-            }
+            },
         };
         let acceptor = tokio::spawn(accept(listener, self.shared.clone()));
         let previous = self
@@ -149,10 +176,16 @@ impl Drop for TcpProxy {
 
 /// A listening socket on `address`, reusable at once after it is closed.
 fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    bind(address)?.listen(1024)
+}
+
+/// A socket bound to `address`, not listening yet. Linux gives a port that
+/// one holds to no other `bind(0)` while free ports remain.
+fn bind(address: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(1024)
+    Ok(socket)
 }
 
 async fn accept(listener: TcpListener, shared: Arc<Shared>) {

@@ -551,7 +551,8 @@ async fn kinesis_down_gives_503_then_recovers() {
     let out = coap_client(&["-m", "post", "-e", r#"{"ts":1763900000123,"v":1}"#, &url]).await;
     assert!(
         error_lines(&out).iter().any(|l| l.starts_with("5.03")),
-        "{out}"
+        "coap-client-notls said {out:?}; the gateway's log:\n{}",
+        gateway.log_text()
     );
 
     // A raw request sees how: an empty ACK at once, then a separate

@@ -299,50 +299,44 @@ async fn a_replay_sends_exactly_what_was_recorded() {
     }
 }
 
+/// Runs loadgen against something unreachable: it must stop within 30 s
+/// with exit status 1, nothing on stdout, and one line on stderr that starts
+/// with `error`.
+fn assert_fails_in_one_line(args: &[&str], error: &str) {
+    let output = loadgen(args, Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(1), "{}", stdio(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with(error), "{stderr}");
+    assert!(output.stdout.is_empty(), "{}", stdio(&output));
+}
+
 #[test]
 fn an_unreachable_broker_or_gateway_is_one_line_and_a_failure() {
     let closed_tcp = free_port();
-    let output = loadgen(
+    let broker = format!("mqtt://127.0.0.1:{closed_tcp}");
+    assert_fails_in_one_line(
         &[
             "--devices",
             "10",
             "--protocol",
             "mqtt",
             "--mqtt-url",
-            &format!("mqtt://127.0.0.1:{closed_tcp}"),
+            &broker,
         ],
-        Duration::from_secs(30),
+        &format!("error: cannot reach the MQTT broker at {broker}: "),
     );
-    assert_eq!(output.status.code(), Some(1), "{}", stdio(&output));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with(&format!(
-            "error: cannot reach the MQTT broker at mqtt://127.0.0.1:{closed_tcp}: "
-        )),
-        "{stderr}"
-    );
-
     let closed_udp = free_udp_port();
-    let output = loadgen(
+    let gateway = format!("127.0.0.1:{closed_udp}");
+    assert_fails_in_one_line(
         &[
             "--devices",
             "10",
             "--protocol",
             "coap",
             "--coap-addr",
-            &format!("127.0.0.1:{closed_udp}"),
+            &gateway,
         ],
-        Duration::from_secs(30),
+        &format!("error: cannot reach the CoAP gateway at {gateway}: "),
     );
-    assert_eq!(output.status.code(), Some(1), "{}", stdio(&output));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with(&format!(
-            "error: cannot reach the CoAP gateway at 127.0.0.1:{closed_udp}: "
-        )),
-        "{stderr}"
-    );
-    assert!(output.stdout.is_empty(), "{}", stdio(&output));
 }
