@@ -8,7 +8,6 @@
 //! could not run.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -260,7 +259,7 @@ async fn run_fleet(
 ) -> Result<Report, String> {
     let settings = fleet.settings()?;
     let mqtt_devices = (0..settings.devices)
-        .filter(|&i| matches!(settings.device(i, 0).protocol, Protocol::Mqtt { .. }))
+        .filter(|&i| matches!(settings.protocol_of(i), Protocol::Mqtt { .. }))
         .count();
     let coap_devices = settings.devices as usize - mqtt_devices;
     let mut targets = target_args.targets(mqtt_devices > 0, coap_devices > 0)?;
@@ -395,16 +394,7 @@ async fn finish(
     due_in_window: &BTreeMap<&'static str, u64>,
     output: &OutputArgs,
 ) -> Result<Report, String> {
-    let progress = !output.quiet && std::io::stderr().is_terminal();
-    let result = run::run(
-        devices,
-        targets,
-        RunOptions {
-            progress,
-            ..options
-        },
-    )
-    .await;
+    let result = run::run(devices, targets, options).await;
     let mut report = Report::new(description, &result, due_in_window);
     if let Some(url) = &output.verify_database_url {
         eprintln!(

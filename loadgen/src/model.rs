@@ -99,19 +99,17 @@ impl FleetSettings {
         (begin, begin + self.duration)
     }
 
-    /// Whether device `index` is on MQTT: spread evenly, exactly
-    /// round(devices × share) of them.
-    fn is_mqtt(&self, index: u32) -> bool {
-        let before = (f64::from(index) * self.mqtt_share).floor();
-        let after = (f64::from(index + 1) * self.mqtt_share).floor();
-        after > before
-    }
-
-    /// Whether CoAP device `index` sends NON, spread evenly the same way.
-    fn is_non(&self, index: u32) -> bool {
-        let before = (f64::from(index) * self.coap_non_share).floor();
-        let after = (f64::from(index + 1) * self.coap_non_share).floor();
-        after > before
+    /// Device `index`'s protocol. MQTT devices are exactly
+    /// round(devices × --mqtt-share) of them, NON senders that share of the
+    /// CoAP ones, both spread evenly.
+    pub fn protocol_of(&self, index: u32) -> Protocol {
+        if picked(index, self.mqtt_share) {
+            Protocol::Mqtt { qos: self.qos }
+        } else {
+            Protocol::Coap {
+                confirmable: !picked(index, self.coap_non_share),
+            }
+        }
     }
 
     /// Device `index`, with its traffic from its start to the window's end.
@@ -152,13 +150,7 @@ impl FleetSettings {
             self.prefix,
             index / self.devices_per_house.max(1)
         );
-        let protocol = if self.is_mqtt(index) {
-            Protocol::Mqtt { qos: self.qos }
-        } else {
-            Protocol::Coap {
-                confirmable: !self.is_non(index),
-            }
-        };
+        let protocol = self.protocol_of(index);
         let target = match protocol {
             Protocol::Mqtt { .. } => format!("devices/{device}/telemetry"),
             Protocol::Coap { .. } => format!("/t/{house}/{device}"),
@@ -178,6 +170,12 @@ impl FleetSettings {
             rng,
         }
     }
+}
+
+/// Whether `index` is among a `share` of indices picked evenly: the
+/// integer part of index × share steps up at exactly that share of them.
+fn picked(index: u32, share: f64) -> bool {
+    (f64::from(index + 1) * share).floor() > (f64::from(index) * share).floor()
 }
 
 /// One field's signal.

@@ -58,7 +58,7 @@ pub struct RunOptions {
     pub ack_timeout: Duration,
     /// The progress bar's length: the messages to send.
     pub messages: u64,
-    /// Draw a progress bar (on a terminal only).
+    /// Draw a progress bar (indicatif draws it on a terminal only).
     pub progress: bool,
 }
 
