@@ -23,7 +23,7 @@ import yaml
 
 # Kubernetes versions every object must be valid in: the oldest the chart
 # supports (Chart.yaml kubeVersion) and the newest the validator knows.
-KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version() + ".0"]
+KUBERNETES_VERSIONS = ["1.30", kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version())]
 MONITORING_API = "monitoring.coreos.com/v1"
 
 

@@ -7,6 +7,8 @@
 pub mod consumer;
 pub mod failover;
 pub mod gateway;
+pub mod helm;
+pub mod pod;
 pub mod proxy;
 
 use std::path::PathBuf;
