@@ -21,7 +21,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use benches::records::{self, METRICS};
 use ingest::batch::{Segment, SeriesCache, missing_series};
 use ingest::consumer::decode_records;
-use ingest::decode::Decoder;
+use ingest::decode::{Decoder, TimeWindow};
 use ingest::source::kinesis::Record;
 
 /// Records per iteration: one full GetRecords result.
@@ -113,7 +113,13 @@ fn consumer_path(c: &mut Criterion) {
             b.iter_batched(
                 || fetched.clone(),
                 |fetched| {
-                    let items = decode_records(&mut decoder, fetched);
+                    // Read as they arrive: the accepted window is checked too.
+                    let items = decode_records(
+                        &mut decoder,
+                        TimeWindow::default(),
+                        ARRIVAL_MICROS,
+                        fetched,
+                    );
                     let readings = items.iter().filter_map(|item| item.decoded.as_ref().ok());
                     assert!(missing_series(readings, &mut cache).is_empty());
                     let mut segment = Segment::new("shardId-000000000000", 1);

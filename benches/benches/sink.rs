@@ -209,8 +209,14 @@ async fn prepare() -> (Client, Vec<SealedSegment>) {
 async fn reset(client: &Client) {
     client
         .batch_execute(
-            "TRUNCATE telemetry.samples, telemetry.samples_1h_state, telemetry.events,
-                      ingest.dead_letters;
+            "TRUNCATE telemetry.samples, telemetry.events, ingest.dead_letters;
+             -- The plain paths' rollup; TimescaleDB's aggregate is only
+             -- materialized by its refresh, which the benchmark never runs.
+             DO $$ BEGIN
+                 IF to_regclass('telemetry.samples_1h_state') IS NOT NULL THEN
+                     TRUNCATE telemetry.samples_1h_state;
+                 END IF;
+             END $$;
              UPDATE ingest.shard_leases SET checkpoint = NULL;
              CHECKPOINT",
         )

@@ -29,7 +29,8 @@ pub async fn connect(config: &DatabaseConfig) -> Client {
 
 /// Drops and creates database `name` on the stack's server and applies
 /// every migration (storage chosen as `ingest migrate` chooses it by
-/// default); returns where it is.
+/// default: TimescaleDB on a stack that has it), printing which; returns
+/// where it is.
 pub async fn fresh(name: &str) -> DatabaseConfig {
     assert!(
         name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
@@ -54,12 +55,17 @@ pub async fn fresh(name: &str) -> DatabaseConfig {
     config.postgres.dbname(name);
     config.display = format!("{} (database {name})", admin.display);
     let mut client = connect(&config).await;
-    schema::apply(
+    let report = schema::apply(
         &mut client,
         schema::StorageChoice::Auto,
         &schema::Settings::default(),
     )
     .await
     .unwrap_or_else(|error| panic!("cannot migrate database {name}: {error}"));
+    // Figures mean little without the storage they were measured on.
+    println!(
+        "storage: {} ({})",
+        report.plan.storage, report.plan.storage_reason
+    );
     config
 }

@@ -18,4 +18,7 @@ pub mod storage;
 pub use error::SchemaError;
 pub use migration::{MIGRATIONS, Migration};
 pub use runner::{Applied, Plan, Report, apply, plan, recorded_storage};
-pub use storage::{Settings, Storage, StorageChoice, maintain, sql_interval};
+pub use storage::{
+    LATE_ROW_MARGIN, MIN_RETENTION, MIN_TIMESCALEDB, Settings, Storage, StorageChoice, maintain,
+    retention, sql_interval,
+};

@@ -97,7 +97,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_timescaledb_path_mentions_timescaledb() {
+    fn only_the_hypertable_path_mentions_the_extension() {
         for migration in MIGRATIONS {
             assert!(!migration.sql(Storage::Native).contains("timescaledb"));
             assert!(!migration.sql(Storage::Native).contains("create_hypertable"));

@@ -116,10 +116,13 @@ pub async fn plan(client: &Client, choice: StorageChoice) -> Result<Plan, Schema
                     requested: requested.name().to_string(),
                 });
             }
-            (
-                first.storage,
-                "chosen when the schema was created".to_string(),
-            )
+            let reason = match storage::timescaledb_version(client, first.storage).await? {
+                Some(version) => {
+                    format!("chosen when the schema was created; TimescaleDB {version}")
+                }
+                None => "chosen when the schema was created".to_string(),
+            };
+            (first.storage, reason)
         }
         None => storage::choose(client, choice).await?,
     };

@@ -81,11 +81,28 @@ impl Default for Settings {
     }
 }
 
+/// The oldest TimescaleDB the migrations run on: `by_range` dimensions
+/// (`create_hypertable(..., by_range(...))`) came with 2.13.
+pub const MIN_TIMESCALEDB: (u32, u32) = (2, 13);
+
+/// How long before the retention's edge the consumer stops accepting late
+/// rows by default: the hourly aggregate is refreshed back to the retention
+/// every 15 minutes, so a row accepted this far inside it is always in some
+/// refresh's window (an hour's bucket, a refresh period and slack).
+pub const LATE_ROW_MARGIN: Duration = Duration::from_secs(2 * 3600);
+
+/// The shortest retention accepted: the refresh window of the hourly
+/// aggregate ends an hour before now and must hold whole buckets, and late
+/// rows need room inside it ([`LATE_ROW_MARGIN`]).
+pub const MIN_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// What the server offers, read from its catalog.
 #[derive(Debug)]
 struct Capabilities {
     timescaledb_available: bool,
     timescaledb_preloaded: bool,
+    /// The installed version, else the one CREATE EXTENSION would install.
+    timescaledb_version: Option<String>,
     partman_available: bool,
     partman_installed: bool,
     superuser: bool,
@@ -97,6 +114,8 @@ async fn capabilities(client: &Client) -> Result<Capabilities, SchemaError> {
             "SELECT
                  exists(SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
                  current_setting('shared_preload_libraries') LIKE '%timescaledb%',
+                 coalesce((SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
+                          (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb')),
                  exists(SELECT 1 FROM pg_available_extensions WHERE name = 'pg_partman'),
                  exists(SELECT 1 FROM pg_extension WHERE extname = 'pg_partman'),
                  (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
@@ -107,10 +126,33 @@ async fn capabilities(client: &Client) -> Result<Capabilities, SchemaError> {
     Ok(Capabilities {
         timescaledb_available: row.get(0),
         timescaledb_preloaded: row.get(1),
-        partman_available: row.get(2),
-        partman_installed: row.get(3),
-        superuser: row.get(4),
+        timescaledb_version: row.get(2),
+        partman_available: row.get(3),
+        partman_installed: row.get(4),
+        superuser: row.get(5),
     })
+}
+
+/// Whether TimescaleDB `version` ("2.28.3") is at least [`MIN_TIMESCALEDB`].
+fn timescaledb_is_recent(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= MIN_TIMESCALEDB
+}
+
+/// The TimescaleDB version a schema on `storage` runs on, for reports; None
+/// on the plain paths.
+pub(crate) async fn timescaledb_version(
+    client: &Client,
+    storage: Storage,
+) -> Result<Option<String>, SchemaError> {
+    if storage != Storage::TimescaleDb {
+        return Ok(None);
+    }
+    Ok(capabilities(client).await?.timescaledb_version)
 }
 
 /// Picks the storage for a database with no schema yet, with the reason in words.
@@ -119,10 +161,21 @@ pub(crate) async fn choose(
     choice: StorageChoice,
 ) -> Result<(Storage, String), SchemaError> {
     let caps = capabilities(client).await?;
+    let version = caps.timescaledb_version.clone().unwrap_or_default();
     let timescaledb = if !caps.timescaledb_available {
         Err("the timescaledb extension is not installed on the server".to_string())
     } else if !caps.timescaledb_preloaded {
         Err("timescaledb is installed but not in shared_preload_libraries".to_string())
+    } else if !timescaledb_is_recent(&version) {
+        // Refused even when asked for "auto": a server that preloads
+        // TimescaleDB was meant to store the data in it.
+        let (major, minor) = MIN_TIMESCALEDB;
+        return Err(SchemaError::StorageUnavailable {
+            storage: Storage::TimescaleDb.name().to_string(),
+            why: format!(
+                "the server has TimescaleDB {version}, older than {major}.{minor}, which the schema needs (by_range dimensions); upgrade TimescaleDB"
+            ),
+        });
     } else {
         Ok(())
     };
@@ -141,14 +194,22 @@ pub(crate) async fn choose(
     };
     match choice {
         StorageChoice::Only(Storage::TimescaleDb) => timescaledb
-            .map(|()| (Storage::TimescaleDb, "asked for".to_string()))
+            .map(|()| {
+                (
+                    Storage::TimescaleDb,
+                    format!("asked for; TimescaleDB {version}"),
+                )
+            })
             .map_err(|why| unavailable(Storage::TimescaleDb, why)),
         StorageChoice::Only(Storage::Partman) => partman
             .map(|()| (Storage::Partman, "asked for".to_string()))
             .map_err(|why| unavailable(Storage::Partman, why)),
         StorageChoice::Only(Storage::Native) => Ok((Storage::Native, "asked for".to_string())),
         StorageChoice::Auto => Ok(match (timescaledb, partman) {
-            (Ok(()), _) => (Storage::TimescaleDb, "TimescaleDB is available".to_string()),
+            (Ok(()), _) => (
+                Storage::TimescaleDb,
+                format!("TimescaleDB {version} is available"),
+            ),
             (Err(no_tsdb), Ok(())) => (
                 Storage::Partman,
                 format!("{no_tsdb}; pg_partman is available"),
@@ -203,7 +264,9 @@ async fn apply_timescaledb(
         "policy_compression",
         "samples",
         "compress_after",
-        compression.as_deref(),
+        compression
+            .as_deref()
+            .map_or(Job::Absent, |after| Job::With(Some(after))),
         "SELECT add_compression_policy('telemetry.samples', compress_after => $1::text::interval)",
         "SELECT remove_compression_policy('telemetry.samples', if_exists => true)",
     )
@@ -220,7 +283,9 @@ async fn apply_timescaledb(
             "policy_retention",
             table,
             "drop_after",
-            retention.as_deref(),
+            retention
+                .as_deref()
+                .map_or(Job::Absent, |after| Job::With(Some(after))),
             &format!(
                 "SELECT add_retention_policy('telemetry.{table}', drop_after => $1::text::interval)"
             ),
@@ -233,61 +298,72 @@ async fn apply_timescaledb(
         None => "no retention".to_string(),
     });
 
-    let has_refresh_policy: bool = client
-        .query_one(
-            "SELECT exists(SELECT 1 FROM timescaledb_information.jobs
-                           WHERE proc_name = 'policy_refresh_continuous_aggregate'
-                             AND hypertable_name = 'samples_1h')",
-            &[],
-        )
-        .await
-        .map_err(SchemaError::database(
-            "reading the continuous aggregate's policy",
-        ))?
-        .get(0);
-    if !has_refresh_policy {
-        client
-            .execute(
-                "SELECT add_continuous_aggregate_policy('telemetry.samples_1h',
-                     start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour',
-                     schedule_interval => INTERVAL '15 minutes')",
-                &[],
-            )
-            .await
-            .map_err(SchemaError::database(
-                "adding the refresh policy of telemetry.samples_1h",
-            ))?;
-    }
-    done.push("samples_1h refreshed every 15 minutes over the last 3 days".to_string());
+    // The refresh goes back to the retention, or over all history without
+    // one: late rows of any accepted age reach the aggregate (a refresh only
+    // recomputes the buckets late rows invalidated), and it never reaches
+    // chunks the retention drops, which would erase their aggregates.
+    replace_policy(
+        client,
+        "policy_refresh_continuous_aggregate",
+        "samples_1h",
+        "start_offset",
+        Job::With(retention.as_deref()),
+        "SELECT add_continuous_aggregate_policy('telemetry.samples_1h',
+             start_offset => $1::text::interval, end_offset => INTERVAL '1 hour',
+             schedule_interval => INTERVAL '15 minutes')",
+        "SELECT remove_continuous_aggregate_policy('telemetry.samples_1h', if_exists => true)",
+    )
+    .await?;
+    done.push(match &retention {
+        Some(after) => format!("samples_1h refreshed every 15 minutes back to {after}"),
+        None => "samples_1h refreshed every 15 minutes over all history".to_string(),
+    });
     Ok(done)
 }
 
-/// Makes the TimescaleDB job `proc_name` on `table` have `key` = `wanted`
-/// (None: no job), touching it only when it differs.
+/// What a TimescaleDB policy job should be.
+#[derive(Debug, Clone, Copy)]
+enum Job<'a> {
+    /// No such job.
+    Absent,
+    /// A job whose config `key` is this interval (None: null, "unbounded").
+    With(Option<&'a str>),
+}
+
+/// Makes the TimescaleDB job `proc_name` on `table` be `wanted`, touching it
+/// only when it differs, so that a second run with the same settings
+/// changes nothing.
 #[allow(clippy::too_many_arguments)]
 async fn replace_policy(
     client: &Client,
     proc_name: &str,
     table: &str,
     key: &str,
-    wanted: Option<&str>,
+    wanted: Job<'_>,
     add_sql: &str,
     remove_sql: &str,
 ) -> Result<(), SchemaError> {
     let during = format!("setting {proc_name} on telemetry.{table}");
-    let current: Option<bool> = client
+    let wanted_value = match wanted {
+        Job::Absent => None,
+        Job::With(value) => value,
+    };
+    // (the job's value is null, it equals the wanted interval), per job.
+    let current: Option<(bool, bool)> = client
         .query_opt(
-            "SELECT (config ->> $3)::interval = $4::text::interval
+            "SELECT config ->> $3 IS NULL,
+                    coalesce((config ->> $3)::interval = $4::text::interval, false)
              FROM timescaledb_information.jobs
              WHERE proc_name = $1 AND hypertable_schema = 'telemetry' AND hypertable_name = $2",
-            &[&proc_name, &table, &key, &wanted.unwrap_or("0")],
+            &[&proc_name, &table, &key, &wanted_value],
         )
         .await
         .map_err(SchemaError::database(during.clone()))?
-        .map(|row| row.get::<_, Option<bool>>(0).unwrap_or(false));
+        .map(|row| (row.get(0), row.get(1)));
     let up_to_date = match (current, wanted) {
-        (None, None) => true,
-        (Some(same), Some(_)) => same,
+        (None, Job::Absent) => true,
+        (Some((is_null, _)), Job::With(None)) => is_null,
+        (Some((_, same)), Job::With(Some(_))) => same,
         _ => false,
     };
     if up_to_date {
@@ -297,9 +373,9 @@ async fn replace_policy(
         .execute(remove_sql, &[])
         .await
         .map_err(SchemaError::database(during.clone()))?;
-    if let Some(interval) = wanted {
+    if let Job::With(value) = wanted {
         client
-            .execute(add_sql, &[&interval])
+            .execute(add_sql, &[&value])
             .await
             .map_err(SchemaError::database(during))?;
     }
@@ -391,6 +467,37 @@ async fn apply_native(client: &Client, settings: &Settings) -> Result<Vec<String
     ])
 }
 
+/// The retention in force, as the last `ingest migrate` set it (None: data
+/// is kept forever, or there is no schema yet). The consumer derives the
+/// oldest row it accepts from it.
+pub async fn retention(client: &Client) -> Result<Option<Duration>, SchemaError> {
+    let sql = match crate::runner::recorded_storage(client).await? {
+        None => return Ok(None),
+        Some(Storage::TimescaleDb) => {
+            "SELECT extract(epoch FROM (config ->> 'drop_after')::interval)::float8
+             FROM timescaledb_information.jobs
+             WHERE proc_name = 'policy_retention'
+               AND hypertable_schema = 'telemetry' AND hypertable_name = 'samples'"
+        }
+        Some(Storage::Partman) => {
+            "SELECT extract(epoch FROM retention::interval)::float8
+             FROM partman.part_config WHERE parent_table = 'telemetry.samples'"
+        }
+        Some(Storage::Native) => {
+            "SELECT extract(epoch FROM retention)::float8
+             FROM ingest.partition_settings WHERE parent = 'telemetry.samples'"
+        }
+    };
+    let seconds: Option<f64> = client
+        .query_opt(sql, &[])
+        .await
+        .map_err(SchemaError::database("reading the retention"))?
+        .and_then(|row| row.get(0));
+    Ok(seconds
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64))
+}
+
 /// Creates partitions ahead and drops expired ones; nothing to do on
 /// TimescaleDB, whose background jobs do it. Cheap when there is nothing to do.
 pub async fn maintain(client: &Client, storage: Storage) -> Result<(), SchemaError> {
@@ -440,6 +547,22 @@ mod tests {
                 expected,
                 "{secs} s"
             );
+        }
+    }
+
+    #[test]
+    fn extension_versions_are_compared_by_number() {
+        for (version, recent) in [
+            ("2.28.3", true),
+            ("2.13.0", true),
+            ("2.13.0-dev", true),
+            ("3.0.0", true),
+            ("2.12.2", false),
+            ("2.9.1", false),
+            ("1.7.5", false),
+            ("", false),
+        ] {
+            assert_eq!(timescaledb_is_recent(version), recent, "{version}");
         }
     }
 

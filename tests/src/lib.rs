@@ -19,6 +19,24 @@ use tokio_postgres::{Client, NoTls};
 /// How to get the services these tests need.
 pub const START_HINT: &str = "start the local stack with `dev/stack up && eval \"$(dev/stack env)\"`, or run every test with `dev/test`";
 
+/// A base time for test records, in epoch milliseconds: midnight UTC two
+/// days ago, the same for the whole test process. Recent, because the
+/// consumer dead-letters readings older than its accepted window (a year
+/// without retention) and TimescaleDB compresses chunks older than 7 days in
+/// the background; a whole day back, so that tests adding hours to it stay
+/// in the past.
+pub fn base_ts() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        const DAY_MS: i64 = 86_400_000;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is past 1970")
+            .as_millis() as i64;
+        (now_ms / DAY_MS - 2) * DAY_MS
+    })
+}
+
 /// The URL of the stack's database, whose role may create databases and roles.
 pub fn admin_url() -> String {
     std::env::var("INGEST_TEST_DATABASE_URL")

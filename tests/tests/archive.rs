@@ -7,15 +7,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ingest::archive::provision::{ArchiveSpec, lifecycle, provision, s3_client};
-use tests::TestDb;
 use tests::consumer::{
     ConsumerProcess, create_stream, expected_per_device, per_device, records, wait_for_count,
 };
 use tests::proxy::TcpProxy;
+use tests::{TestDb, base_ts};
 
 const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
 const LAND_WITHIN: Duration = Duration::from_secs(90);
-const TS: i64 = 1_763_900_000_000;
 
 fn spec(name: &str) -> ArchiveSpec {
     let unique = format!("{name}-{}", std::process::id());
@@ -121,7 +120,7 @@ async fn the_archive_holds_every_record_put_into_the_stream() {
     let spec = provisioned("archive-all").await;
     let db = TestDb::migrated("archive_all").await;
     let (stream, source) = create_stream("archive-all", 2).await;
-    let mut put = records(20, 1_500, TS);
+    let mut put = records(20, 1_500, base_ts());
     // A pretty-printed record (newlines as whitespace) and an undecodable one are archived too.
     put.push((
         "pretty".into(),
@@ -238,7 +237,7 @@ async fn an_unavailable_archive_holds_the_checkpoints_and_everything_lands_once_
     let firehose_url = format!("http://{}", proxy.address());
     proxy.cut().await;
 
-    let put = records(10, 500, TS);
+    let put = records(10, 500, base_ts());
     source.put_records(&put).await.unwrap();
     let _worker = ConsumerProcess::start_with_env(
         &db.url,

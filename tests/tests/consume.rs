@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use tests::TestDb;
 use tests::consumer::{
     ConsumerProcess, create_stream, expected_per_device, per_device, records, wait_for_count,
 };
+use tests::{TestDb, base_ts};
 
 /// Generous bound for a test's records to land; a bound, not a speed target.
 const LAND_WITHIN: Duration = Duration::from_secs(90);
 const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
-const TS: i64 = 1_763_900_000_000;
 
 async fn owners(client: &tokio_postgres::Client, stream: &str) -> Vec<(Option<String>, i64)> {
     client
@@ -48,7 +47,7 @@ async fn every_record_of_a_four_shard_stream_lands_exactly_once() {
     let db = TestDb::migrated("consume_exactly_once").await;
     let client = db.client().await;
     let (stream, source) = create_stream("exactly-once", 4).await;
-    let put = records(50, 4_000, TS);
+    let put = records(50, 4_000, base_ts());
     source.put_records(&put).await.expect("records are put");
 
     let mut worker = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
@@ -102,12 +101,12 @@ async fn three_workers_share_the_shards_and_a_killed_one_loses_nothing() {
         "four shards over three workers: {balanced:?}"
     );
 
-    let first = records(60, 3_000, TS);
+    let first = records(60, 3_000, base_ts());
     source.put_records(&first).await.unwrap();
     // Kill a worker while it is busy, then start it again.
     wait_for_count(&client, SAMPLES, 500, LAND_WITHIN).await;
     workers[0].kill();
-    let second = records(60, 3_000, TS + 10_000_000);
+    let second = records(60, 3_000, base_ts() + 10_000_000);
     source.put_records(&second).await.unwrap();
     workers[0] = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
 
@@ -140,7 +139,7 @@ async fn sigterm_releases_the_leases_and_the_other_worker_takes_over() {
     .await;
     assert_eq!(split, [(Some("w1".into()), 2), (Some("w2".into()), 2)]);
 
-    let before = records(40, 2_000, TS);
+    let before = records(40, 2_000, base_ts());
     source.put_records(&before).await.unwrap();
     wait_for_count(&client, SAMPLES, 200, LAND_WITHIN).await;
     let status = first.terminate(Duration::from_secs(30));
@@ -150,7 +149,7 @@ async fn sigterm_releases_the_leases_and_the_other_worker_takes_over() {
     let taken = wait_for_owners(&client, &stream, |o| o == [(Some("w2".to_string()), 4)]).await;
     assert_eq!(taken, [(Some("w2".into()), 4)]);
 
-    let after = records(40, 2_000, TS + 10_000_000);
+    let after = records(40, 2_000, base_ts() + 10_000_000);
     source.put_records(&after).await.unwrap();
     let all: Vec<_> = before.into_iter().chain(after).collect();
     assert_eq!(
@@ -198,7 +197,7 @@ async fn bad_records_become_dead_letters_and_good_ones_land() {
     let mut put = Vec::new();
     let mut good = Vec::new();
     for (i, (_, raw)) in bad.iter().enumerate() {
-        let record = tests::consumer::record("good", TS + i as i64, (i + 1) as f64);
+        let record = tests::consumer::record("good", base_ts() + i as i64, (i + 1) as f64);
         good.push(record.clone());
         put.push(record);
         put.push(("bad".to_string(), bytes::Bytes::from(raw.clone())));
@@ -241,7 +240,7 @@ async fn status_shows_shards_owners_checkpoints_and_workers() {
     let db = TestDb::migrated("consume_status").await;
     let client = db.client().await;
     let (stream, source) = create_stream("status", 2).await;
-    let put = records(10, 200, TS);
+    let put = records(10, 200, base_ts());
     source.put_records(&put).await.unwrap();
     let _worker = ConsumerProcess::start(&db.url, &stream, "status-w1", &[]);
     assert_eq!(
@@ -308,7 +307,7 @@ async fn metrics_health_and_readiness_are_served() {
     let db = TestDb::migrated("consume_metrics").await;
     let client = db.client().await;
     let (stream, source) = create_stream("metrics", 1).await;
-    let mut put = records(5, 100, TS);
+    let mut put = records(5, 100, base_ts());
     put.push(("bad".to_string(), bytes::Bytes::from_static(b"{not json")));
     source.put_records(&put).await.unwrap();
     let port = tests::free_port();

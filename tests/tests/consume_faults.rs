@@ -16,19 +16,18 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use tests::TestDb;
 use tests::consumer::{
     ConsumerProcess, create_stream, expected_per_device, per_device, record, records,
     wait_for_count,
 };
 use tests::proxy::{TcpProxy, host_port};
+use tests::{TestDb, base_ts};
 
 /// Generous bound for a test's records to land; a bound, not a speed target.
 const LAND_WITHIN: Duration = Duration::from_secs(120);
 /// Bound for a lease or checkpoint change to show in the lease table.
 const SETTLE_WITHIN: Duration = Duration::from_secs(60);
 const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
-const TS: i64 = 1_763_900_000_000;
 /// The consumer's batch transactions that wait on a lock: in their COPY
 /// (behind a table lock the test holds), or in their checkpoint update
 /// (behind a lease renewal that waits on another waiting batch's row).
@@ -143,7 +142,7 @@ async fn clean_up(
 
 /// Puts waves of records from `devices` devices, one wave every `every`,
 /// until stopped or `limit` records are put. Record `i` (from 0) is device
-/// `dev-{i % devices}` at `TS + i` ms with value `i + 1`: one device's
+/// `dev-{i % devices}` at `base_ts() + i` ms with value `i + 1`: one device's
 /// records are put in time order, and sums show a lost or doubled one.
 struct Producer {
     stop: Arc<AtomicBool>,
@@ -173,7 +172,7 @@ impl Producer {
                     .map(|i| {
                         record(
                             &format!("dev-{}", i % devices),
-                            TS + i as i64,
+                            base_ts() + i as i64,
                             (i + 1) as f64,
                         )
                     })
@@ -482,7 +481,7 @@ async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
     let mut worker = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
     wait_for_leases(&client, &stream, "w1", 2).await;
 
-    let first = records(40, 1_000, TS);
+    let first = records(40, 1_000, base_ts());
     source.put_records(&first).await.unwrap();
     assert_exactly(&client, &first, "first wave").await;
     let stolen = "shardId-000000000000".to_string();
@@ -504,7 +503,7 @@ async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
         .unwrap();
     let checkpoint_at_steal: String = row.get::<_, Option<String>>(0).expect("a checkpoint");
     let (page, tuple): (i32, i32) = (row.get(1), row.get(2));
-    let second = records(40, 1_000, TS + 10_000_000);
+    let second = records(40, 1_000, base_ts() + 10_000_000);
     source.put_records(&second).await.unwrap();
     let waiting = wait_for(
         &client,
@@ -652,7 +651,7 @@ async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothi
     let shard = "shardId-000000000000";
     let mut worker = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
     wait_for_leases(&client, &stream, "w1", 1).await;
-    let first = records(10, 200, TS);
+    let first = records(10, 200, base_ts());
     source.put_records(&first).await.unwrap();
     assert_exactly(&client, &first, "first wave").await;
 
@@ -667,7 +666,7 @@ async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothi
         .map(|i| {
             record(
                 &format!("new-{}", i % 10),
-                TS + 10_000_000 + i,
+                base_ts() + 10_000_000 + i,
                 (i + 1) as f64,
             )
         })
@@ -711,7 +710,7 @@ async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothi
     tokio::time::sleep(Duration::from_secs(2)).await;
     lock.rollback().await.unwrap();
 
-    let third = records(10, 200, TS + 20_000_000);
+    let third = records(10, 200, base_ts() + 20_000_000);
     source.put_records(&third).await.unwrap();
     let all: Vec<_> = first.iter().chain(&second).chain(&third).cloned().collect();
     assert_exactly(&client, &all, "after the lease came back").await;

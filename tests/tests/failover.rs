@@ -3,15 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use tests::TestDb;
 use tests::consumer::{
     ConsumerProcess, create_stream, expected_per_device, per_device, records, wait_for_count,
 };
 use tests::failover::{ConsulDns, FailoverCluster};
+use tests::{TestDb, base_ts};
 
 const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
 const LAND_WITHIN: Duration = Duration::from_secs(120);
-const TS: i64 = 1_763_900_000_000;
 
 async fn count(client: &tokio_postgres::Client) -> i64 {
     client.query_one(SAMPLES, &[]).await.expect("count").get(0)
@@ -45,7 +44,7 @@ async fn the_consumer_follows_the_primary_across_a_failover() {
     let producer = tokio::spawn(async move {
         let mut put = Vec::new();
         for wave in 0..60 {
-            let wave = records(40, 100, TS + wave * 1_000);
+            let wave = records(40, 100, base_ts() + wave * 1_000);
             source.put_records(&wave).await.expect("records are put");
             put.extend(wave);
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -112,7 +111,7 @@ async fn an_unreachable_consul_dns_is_a_clear_error_retried_until_it_answers() {
     assert_ne!(url, db.url, "the test database URL names 127.0.0.1");
 
     let (stream, source) = create_stream("dns-late", 1).await;
-    let put = records(10, 300, TS);
+    let put = records(10, 300, base_ts());
     source.put_records(&put).await.unwrap();
 
     let dns_port = tests::free_port();

@@ -1,7 +1,7 @@
 //! `ingest migrate` against the stack's real PostgreSQL: each test on a
 //! database of its own.
 
-use tests::{TestDb, connect, run_ingest, text, with_credentials};
+use tests::{TestDb, run_ingest, text, with_credentials};
 
 /// Runs `ingest migrate` on `db` with extra flags; returns (ok, stdout, stderr).
 fn migrate(db: &TestDb, flags: &[&str]) -> (bool, String, String) {
@@ -30,12 +30,30 @@ fn all_versions() -> Vec<i32> {
     schema::MIGRATIONS.iter().map(|m| m.version).collect()
 }
 
-#[tokio::test]
-async fn migrates_an_empty_database_and_a_second_run_changes_nothing() {
-    let db = TestDb::create("migrate_twice").await;
+/// The first run on each storage path applies every migration; a second
+/// changes nothing in the catalog, nor in the storage's own configuration
+/// (TimescaleDB's jobs, pg_partman's part_config, the native settings).
+mod migrates_an_empty_database_and_a_second_run_changes_nothing {
+    #[tokio::test]
+    async fn timescaledb() {
+        super::migrate_twice("timescaledb").await;
+    }
+    #[tokio::test]
+    async fn partman() {
+        super::migrate_twice("partman").await;
+    }
+    #[tokio::test]
+    async fn native() {
+        super::migrate_twice("native").await;
+    }
+}
 
-    let (ok, stdout, stderr) = migrate(&db, &[]);
+async fn migrate_twice(storage: &str) {
+    let db = TestDb::create(&format!("migrate_twice_{storage}")).await;
+
+    let (ok, stdout, stderr) = migrate(&db, &["--storage", storage]);
     assert!(ok, "first run failed: {stdout}{stderr}");
+    assert!(stdout.contains(&format!("storage   {storage}")), "{stdout}");
     let count = schema::MIGRATIONS.len();
     assert!(
         stdout.contains(&format!("({count} applied now, 0 before)")),
@@ -43,7 +61,7 @@ async fn migrates_an_empty_database_and_a_second_run_changes_nothing() {
     );
     assert_eq!(applied_versions(&db).await, all_versions());
 
-    let catalog_before = catalog_snapshot(&db).await;
+    let catalog_before = catalog_snapshot(&db, storage).await;
     let (ok, stdout, stderr) = migrate(&db, &[]);
     assert!(ok, "second run failed: {stdout}{stderr}");
     assert!(
@@ -56,30 +74,48 @@ async fn migrates_an_empty_database_and_a_second_run_changes_nothing() {
     );
     assert_eq!(applied_versions(&db).await, all_versions());
     assert_eq!(
-        catalog_snapshot(&db).await,
+        catalog_snapshot(&db, storage).await,
         catalog_before,
         "the second run changed the catalog"
     );
     db.drop().await;
 }
 
-/// Every relation, function and trigger of the project's schemas, by name.
-async fn catalog_snapshot(db: &TestDb) -> Vec<String> {
+/// Every relation, function and trigger of the project's schemas, by name,
+/// and the storage's own configuration.
+async fn catalog_snapshot(db: &TestDb, storage: &str) -> Vec<String> {
+    let configuration = match storage {
+        "timescaledb" => {
+            "SELECT 'job ' || job_id || ' ' || proc_name || ' ' || hypertable_name || ' '
+                    || schedule_interval || ' ' || config::text
+             FROM timescaledb_information.jobs WHERE hypertable_schema = 'telemetry'"
+        }
+        "partman" => {
+            "SELECT 'partman ' || parent_table || ' ' || premake || ' ' || coalesce(retention, '-')
+             FROM partman.part_config"
+        }
+        _ => {
+            "SELECT 'native ' || parent || ' ' || width || ' ' || premake || ' '
+                    || coalesce(retention::text, '-')
+             FROM ingest.partition_settings"
+        }
+    };
     db.client()
         .await
         .query(
-            "SELECT n.nspname || '.' || c.relname || ':' || c.relkind::text
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname IN ('ingest', 'telemetry', 'partman')
-             UNION ALL
-             SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p
-             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname IN ('ingest', 'telemetry')
-             UNION ALL
-             SELECT 'trigger ' || tgname FROM pg_trigger WHERE NOT tgisinternal
-             UNION ALL
-             SELECT 'partman ' || parent_table || ' ' || premake || ' ' || coalesce(retention, '-')
-             FROM partman.part_config
-             ORDER BY 1",
+            &format!(
+                "SELECT n.nspname || '.' || c.relname || ':' || c.relkind::text
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname IN ('ingest', 'telemetry', 'partman')
+                 UNION ALL
+                 SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p
+                 JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname IN ('ingest', 'telemetry')
+                 UNION ALL
+                 SELECT 'trigger ' || tgname FROM pg_trigger WHERE NOT tgisinternal
+                 UNION ALL
+                 {configuration}
+                 ORDER BY 1"
+            ),
             &[],
         )
         .await
@@ -543,42 +579,29 @@ async fn gateway_and_provision_name_what_they_need() {
     }
 }
 
-/// The TimescaleDB path, against a server given by INGEST_TEST_TIMESCALEDB_URL
-/// (TimescaleDB cannot be installed from this project's registries).
+/// The TimescaleDB path on the stack's server: the version is reported;
+/// hypertables, compression, retention and the continuous aggregate's
+/// refresh are in place; the refresh goes back to the retention (so it never
+/// reaches dropped chunks) or over all history without one; a retention
+/// under a day is refused before anything changes.
 #[tokio::test]
-async fn timescaledb_path_when_a_server_is_given() {
-    let Ok(url) = std::env::var("INGEST_TEST_TIMESCALEDB_URL") else {
-        println!(
-            "NOT RUN: INGEST_TEST_TIMESCALEDB_URL is not set, so the TimescaleDB path was not tested"
-        );
-        eprintln!(
-            "NOT RUN: INGEST_TEST_TIMESCALEDB_URL is not set, so the TimescaleDB path was not tested"
-        );
-        return;
-    };
-    let admin = connect(&url).await;
-    let name = "test_migrate_timescaledb";
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        admin.batch_execute(&sql).await.unwrap();
-    }
-    let db_url = tests::with_database(&url, name);
-    let args = [
-        "migrate",
-        "--database-url",
-        &db_url,
-        "--retention",
-        "90 days",
-    ];
+async fn timescaledb_creates_hypertables_policies_and_the_aggregate() {
+    let db = TestDb::create("migrate_timescaledb").await;
     for run in 0..2 {
-        let output = run_ingest(&args, &[]);
-        let (stdout, stderr) = text(&output);
-        assert!(output.status.success(), "run {run}: {stdout}{stderr}");
-        assert!(stdout.contains("storage   timescaledb"), "{stdout}");
+        let (ok, stdout, stderr) =
+            migrate(&db, &["--storage", "timescaledb", "--retention", "90 days"]);
+        assert!(ok, "run {run}: {stdout}{stderr}");
+        assert!(stdout.contains("storage   timescaledb ("), "{stdout}");
+        assert!(
+            stdout.contains("TimescaleDB 2."),
+            "the version is reported: {stdout}"
+        );
+        assert!(
+            stdout.contains("samples_1h refreshed every 15 minutes back to 90 days"),
+            "{stdout}"
+        );
     }
-    let client = connect(&db_url).await;
+    let client = db.client().await;
     let hypertables: Vec<String> = client
         .query(
             "SELECT hypertable_name::text FROM timescaledb_information.hypertables ORDER BY 1",
@@ -590,30 +613,50 @@ async fn timescaledb_path_when_a_server_is_given() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(hypertables, ["events", "samples"]);
-    let jobs: Vec<String> = client
-        .query(
-            "SELECT proc_name || ' ' || hypertable_name FROM timescaledb_information.jobs
-             WHERE hypertable_schema = 'telemetry' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let jobs = || async {
+        client
+            .query(
+                "SELECT proc_name || ' ' || hypertable_name || ' '
+                        || coalesce(config ->> 'drop_after', config ->> 'compress_after',
+                                    config ->> 'start_offset', 'unbounded')
+                 FROM timescaledb_information.jobs
+                 WHERE hypertable_schema = 'telemetry' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        jobs,
+        jobs().await,
         [
-            "policy_compression samples",
-            "policy_refresh_continuous_aggregate samples_1h",
-            "policy_retention events",
-            "policy_retention samples",
+            "policy_compression samples 7 days",
+            "policy_refresh_continuous_aggregate samples_1h 90 days",
+            "policy_retention events 90 days",
+            "policy_retention samples 90 days",
         ]
     );
-    admin
-        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await
-        .unwrap();
+
+    let (ok, stdout, stderr) = migrate(&db, &["--retention", "none"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("samples_1h refreshed every 15 minutes over all history"),
+        "{stdout}"
+    );
+    assert_eq!(
+        jobs().await,
+        [
+            "policy_compression samples 7 days",
+            "policy_refresh_continuous_aggregate samples_1h unbounded",
+        ]
+    );
+
+    let (ok, stdout, stderr) = migrate(&db, &["--retention", "12h"]);
+    assert_one_line_error(ok, &stdout, &stderr, "--retention");
+    assert!(stderr.contains("must be at least 1 day"), "{stderr}");
+    db.drop().await;
 }
 
 #[tokio::test]

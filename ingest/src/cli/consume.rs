@@ -65,6 +65,14 @@ pub struct ConsumeArgs {
     /// Largest record accepted; bigger ones become dead letters.
     #[arg(long, env = "INGEST_MAX_RECORD_BYTES", default_value_t = 256 * 1024)]
     max_record_bytes: usize,
+    /// Readings older than this when read become dead letters. [default: the
+    /// retention `ingest migrate` set, less 2 hours; 365 days without retention]
+    #[arg(long, env = "INGEST_MAX_ROW_AGE", value_name = "DURATION")]
+    max_row_age: Option<String>,
+    /// Readings further ahead of now than this become dead letters (a device
+    /// clock gone wrong would otherwise make a chunk per day it invents).
+    #[arg(long, env = "INGEST_MAX_ROW_AHEAD", default_value = "1 day")]
+    max_row_ahead: String,
     /// How long a lease lasts unrenewed: a dead worker's shards move after this.
     #[arg(long, env = "INGEST_LEASE_TTL", default_value = "10s")]
     lease_ttl: String,
@@ -162,6 +170,11 @@ impl ConsumeArgs {
                 max_record_bytes: positive("--max-record-bytes", self.max_record_bytes)?,
                 ..DecodeLimits::default()
             },
+            max_row_age: self
+                .max_row_age
+                .map(|age| parse_duration("--max-row-age", &age))
+                .transpose()?,
+            max_row_ahead: parse_duration("--max-row-ahead", &self.max_row_ahead)?,
             lease_ttl,
             lease_interval,
             shard_sync_interval: parse_duration(

@@ -87,6 +87,16 @@ impl MigrateSettingsArgs {
             Some(text) => parse_optional_duration("--retention", &text)?,
             None => defaults.retention,
         };
+        if let Some(retention) = retention
+            && retention < schema::MIN_RETENTION
+        {
+            return Err(ConfigError::new(
+                "--retention",
+                &humantime::format_duration(retention).to_string(),
+                "must be at least 1 day: the hourly aggregate is refreshed back to the retention, \
+                 and late rows are accepted up to 2 hours inside it",
+            ));
+        }
         let partitions_ahead = self
             .partitions_ahead
             .or(file.partitions_ahead)

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::decode::{DecodeError, Decoder, Reading};
+use crate::decode::{DecodeError, Decoder, Micros, Reading, TimeWindow};
 use crate::source::kinesis::Record;
 
 /// Records of one shard, in sequence order, read under one lease.
@@ -27,13 +27,21 @@ pub struct Item {
     pub decoded: Result<Reading, DecodeError>,
 }
 
-/// Decodes `records` in order. Pure CPU work, done on the shard's task so
-/// that shards decode in parallel.
-pub fn decode_records(decoder: &mut Decoder, records: Vec<Record>) -> Vec<Item> {
+/// Decodes `records` in order, refusing readings outside `window` around
+/// `now`. Pure CPU work, done on the shard's task so that shards decode in
+/// parallel.
+pub fn decode_records(
+    decoder: &mut Decoder,
+    window: TimeWindow,
+    now: Micros,
+    records: Vec<Record>,
+) -> Vec<Item> {
     records
         .into_iter()
         .map(|record| Item {
-            decoded: decoder.decode(&record.data, record.arrival_micros),
+            decoded: decoder
+                .decode(&record.data, record.arrival_micros)
+                .and_then(|reading| window.check(reading.time, now).map(|()| reading)),
             sequence_number: record.sequence_number,
             raw: record.data,
         })

@@ -26,6 +26,11 @@ pub struct ConsumerConfig {
     pub queue_chunks: usize,
     pub reader: ReaderOptions,
     pub decode: DecodeLimits,
+    /// The oldest reading accepted, as an age; None: the retention in force
+    /// less `schema::LATE_ROW_MARGIN`, or a year without retention.
+    pub max_row_age: Option<Duration>,
+    /// How far ahead of now a reading may be.
+    pub max_row_ahead: Duration,
     /// How long a lease lasts without renewal: a dead worker's shards move after this.
     pub lease_ttl: Duration,
     /// How often leases are renewed and the balance checked.

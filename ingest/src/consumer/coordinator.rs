@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -16,7 +16,7 @@ use super::writer::{Writer, WriterError, WriterEvent};
 use crate::archive::Archive;
 use crate::batch::{Batch, SeriesCache};
 use crate::db::{self, Database};
-use crate::decode::Decoder;
+use crate::decode::{DEFAULT_MAX_AGE, Decoder, TimeWindow};
 use crate::lease::{HeldLease, LeaseStore, Move, plan};
 use crate::metrics as m;
 use crate::observe::Readiness;
@@ -67,6 +67,22 @@ struct Coordinator {
     /// Set after each round: ready while the database and the stream answer.
     readiness: Arc<Readiness>,
     archive: Option<Archive>,
+    /// Readings outside it become dead letters.
+    window: TimeWindow,
+}
+
+/// The accepted window: `--max-row-age`, else inside the retention by
+/// `LATE_ROW_MARGIN` (so that every accepted row reaches the hourly
+/// aggregate before its bucket leaves the refresh window), else a year.
+fn accepted_window(config: &ConsumerConfig, retention: Option<Duration>) -> TimeWindow {
+    let max_age = config.max_row_age.unwrap_or_else(|| match retention {
+        Some(retention) => retention.saturating_sub(schema::LATE_ROW_MARGIN),
+        None => DEFAULT_MAX_AGE,
+    });
+    TimeWindow {
+        max_age,
+        max_ahead: config.max_row_ahead,
+    }
 }
 
 /// Runs the consumer until `shutdown` is cancelled, then commits what is in
@@ -85,12 +101,19 @@ pub async fn run(
     let database = Database::new(config.database.clone(), config.writers + 2);
     // Wait for a database that is not there yet (DNS failing, starting up);
     // fail at once on what a person must fix (credentials, no such database).
-    let storage = {
+    let (storage, window) = {
         let client = database.get_retrying().await?;
-        schema::recorded_storage(&client)
+        let storage = schema::recorded_storage(&client)
             .await?
-            .ok_or(ConsumerError::NotMigrated)?
+            .ok_or(ConsumerError::NotMigrated)?;
+        let retention = schema::retention(&client).await?;
+        (storage, accepted_window(&config, retention))
     };
+    tracing::info!(
+        max_age = %humantime::format_duration(window.max_age),
+        max_ahead = %humantime::format_duration(window.max_ahead),
+        "readings outside this window around now become dead letters"
+    );
     let store = LeaseStore {
         stream: config.stream.clone(),
         worker: config.worker_id.clone(),
@@ -137,6 +160,7 @@ pub async fn run(
         last_maintenance: now,
         readiness,
         archive,
+        window,
     };
     tracing::info!(stream = %coordinator.config.stream, worker = %coordinator.config.worker_id, "consumer started");
 
@@ -279,6 +303,7 @@ impl Coordinator {
             options: self.config.reader.clone(),
             archive: self.archive.clone(),
             decoder: Decoder::new(self.config.decode),
+            window: self.window,
             chunks: self.writer_inputs[writer].clone(),
             stop: stop.clone(),
         };

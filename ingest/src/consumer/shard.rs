@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::chunk::{Chunk, decode_records};
 use crate::archive::Archive;
-use crate::decode::Decoder;
+use crate::decode::{Decoder, TimeWindow, now_micros};
 use crate::metrics as m;
 use crate::source::kinesis::{Fetched, KinesisSource, ReaderOptions, ShardReader, StartPosition};
 
@@ -33,6 +33,8 @@ pub struct ShardTask {
     /// their checkpoint can move); None: no archive.
     pub archive: Option<Archive>,
     pub decoder: Decoder,
+    /// Readings outside it become dead letters.
+    pub window: TimeWindow,
     pub chunks: mpsc::Sender<Chunk>,
     /// Cancelled when the lease is lost or the worker shuts down.
     pub stop: CancellationToken,
@@ -87,7 +89,12 @@ impl ShardTask {
                     Chunk {
                         shard_id: self.shard_id.clone(),
                         lease_counter: self.lease_counter,
-                        items: decode_records(&mut self.decoder, records),
+                        items: decode_records(
+                            &mut self.decoder,
+                            self.window,
+                            now_micros(),
+                            records,
+                        ),
                         end_of_shard: false,
                         millis_behind_latest,
                     }

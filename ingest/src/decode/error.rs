@@ -6,7 +6,8 @@
 //! is a stable label that metrics and queries can group by.
 
 /// The reason one record was rejected. Nothing here is retryable: the same
-/// bytes always give the same error, so the caller dead-letters the record.
+/// bytes always give the same error (only `OutsideTimeWindow` also depends on
+/// when the record is read), so the caller dead-letters the record.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum DecodeError {
     /// The record is bigger than `DecodeLimits::max_record_bytes`; checked
@@ -88,6 +89,32 @@ pub enum DecodeError {
         value: String,
     },
 
+    /// A numeric field's magnitude is over `MAX_SAMPLE_MAGNITUDE` (1e100),
+    /// where the hourly aggregates could overflow.
+    #[error(
+        "field {field:?} is {value:e}, beyond ±1e100, where the hourly aggregates would overflow"
+    )]
+    ValueOutOfRange {
+        /// The field's name, cut to 64 characters.
+        field: String,
+        /// The value as parsed.
+        value: f64,
+    },
+
+    /// `ts` is a valid time, but outside the window the consumer accepts
+    /// (`--max-row-age` before now, `--max-row-ahead` after it): a device
+    /// with a wrong clock would otherwise create a chunk or partition per
+    /// day it invents, and rows older than the retention are dropped anyway.
+    #[error("timestamp {time} is outside the accepted window [{earliest}, {latest}]")]
+    OutsideTimeWindow {
+        /// The reading's time, RFC 3339.
+        time: String,
+        /// The oldest time accepted when the record was read, RFC 3339.
+        earliest: String,
+        /// The newest time accepted when the record was read, RFC 3339.
+        latest: String,
+    },
+
     /// A field name is empty, longer than 256 bytes, or contains NUL (which
     /// PostgreSQL text cannot store).
     #[error("field name {name:?} is invalid: {reason}")]
@@ -137,6 +164,8 @@ impl DecodeError {
             Self::BadTimestamp { .. } => "bad_timestamp",
             Self::TimestampOutOfRange { .. } => "timestamp_out_of_range",
             Self::NotFinite { .. } => "not_finite",
+            Self::ValueOutOfRange { .. } => "value_out_of_range",
+            Self::OutsideTimeWindow { .. } => "outside_time_window",
             Self::InvalidFieldName { .. } => "invalid_field_name",
             Self::NulInEvent { .. } => "nul_in_event",
             Self::NoFields => "no_fields",

@@ -13,10 +13,14 @@
 //! - `house`: optional string (≤ 256 bytes, no NUL); absent or null is `""`.
 //! - `ts`: epoch seconds / ms / µs / ns told apart by magnitude, or an
 //!   RFC 3339 string; absent or null is the arrival time. Must fall in
-//!   [2000-01-01, 2100-01-01). See [`timestamp`].
+//!   [2000-01-01, 2100-01-01). See [`timestamp`]. The consumer also
+//!   dead-letters readings outside its accepted window around now
+//!   ([`TimeWindow`]: the retention, or a year, before; a day ahead).
 //! - `fields`: an object whose members are the fields. Numbers and booleans
 //!   (1/0) become samples; strings, arrays, objects and null become events
-//!   whose body is compact JSON; a string spelling NaN or infinity is an error.
+//!   whose body is compact JSON; a string spelling NaN or infinity is an error,
+//!   and so is a number beyond ±1e100 ([`MAX_SAMPLE_MAGNITUDE`]), where the
+//!   hourly aggregates would overflow.
 //! - Flat form (an AWS IoT rule's `SELECT *, topic(3) AS device`): every
 //!   top-level key other than `device`, `house`, `ts` and `fields` is a field.
 //!
@@ -46,12 +50,16 @@ mod error;
 mod json;
 mod record;
 pub mod timestamp;
+mod window;
 
 #[cfg(test)]
 mod tests;
 
 pub use error::DecodeError;
-pub use record::{DecodeLimits, Decoder, Event, MAX_NAME_BYTES, Reading, Sample};
-pub use timestamp::{
-    Micros, timestamp_from_integer, timestamp_from_number, timestamp_from_rfc3339,
+pub use record::{
+    DecodeLimits, Decoder, Event, MAX_NAME_BYTES, MAX_SAMPLE_MAGNITUDE, Reading, Sample,
 };
+pub use timestamp::{
+    Micros, now_micros, timestamp_from_integer, timestamp_from_number, timestamp_from_rfc3339,
+};
+pub use window::{DEFAULT_MAX_AGE, DEFAULT_MAX_AHEAD, TimeWindow};

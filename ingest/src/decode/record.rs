@@ -15,6 +15,13 @@ use super::timestamp::{
 /// are firmware bugs, and they become index keys in the database.
 pub const MAX_NAME_BYTES: usize = 256;
 
+/// Largest magnitude a sample may have. The hourly aggregates sum values
+/// and (for avg) squared deviations in float8: two readings of 1e308 in one
+/// hour would overflow them, and PostgreSQL then refuses the whole COPY (or
+/// every query of that hour). Under 1e100 no realistic count of readings can
+/// overflow, and no physical quantity a device reports comes near it.
+pub const MAX_SAMPLE_MAGNITUDE: f64 = 1e100;
+
 /// Up to this many fields, duplicates are found by comparing every pair
 /// (no allocation); above it, with a hash map (bounded time on hostile input).
 const PAIRWISE_DEDUP_MAX: usize = 32;
@@ -319,6 +326,12 @@ fn add_field(tape: &[Node<'_>], k: usize, reading: &mut Reading) -> Result<(), D
         return Err(DecodeError::NotFinite {
             field: name.to_owned(),
             value: number.to_string(),
+        });
+    }
+    if number.abs() > MAX_SAMPLE_MAGNITUDE {
+        return Err(DecodeError::ValueOutOfRange {
+            field: truncate_for_error(name),
+            value: number,
         });
     }
     reading.samples.push(Sample {

@@ -19,6 +19,17 @@ pub const MIN_TIME: Micros = 946_684_800_000_000;
 /// 2100-01-01T00:00:00Z, the first instant no longer accepted (exclusive).
 pub const MAX_TIME: Micros = 4_102_444_800_000_000;
 
+/// The wall clock as [`Micros`], for the callers that stamp arrivals or
+/// check the accepted window; decoding itself never reads the clock.
+#[must_use]
+pub fn now_micros() -> Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            Micros::try_from(since.as_micros()).unwrap_or(Micros::MAX)
+        })
+}
+
 /// |ts| below this is seconds.
 const SECONDS_BELOW: f64 = 1e11;
 /// |ts| below this (and not seconds) is milliseconds.

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::exchange::{Exchanges, Key, Seen, State};
 use super::message::{self, FORMAT_TEXT, Reply, Request};
 use super::resource::{self, Route, TelemetryRules};
-use crate::decode::{DecodeLimits, Decoder, Micros};
+use crate::decode::{DecodeLimits, Decoder, now_micros};
 use crate::gateway::auth::AuthPolicy;
 use crate::gateway::health::KinesisHealth;
 use crate::gateway::producer::{Outcome, Producer, Protocol, Submission, SubmitError};
@@ -510,10 +510,4 @@ fn unavailable(reason: impl Into<String>, seconds: u32) -> Reply {
 
 fn rejected(reason: &'static str) {
     metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "coap", "reason" => reason).increment(1);
-}
-
-fn now_micros() -> Micros {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as Micros)
 }

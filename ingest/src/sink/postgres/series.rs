@@ -10,6 +10,12 @@ use crate::batch::{SeriesCache, SeriesKey};
 /// workers never wait on each other's new series. Safe when several workers
 /// create the same series at once: ON CONFLICT DO NOTHING, and keys arrive
 /// sorted so concurrent inserts take the unique index's locks in one order.
+///
+/// Only keys the table lacks are inserted: an INSERT takes an identity value
+/// even when ON CONFLICT then skips the row, so inserting every key of a
+/// cold cache would burn one id of the 32-bit column per known series on
+/// every restart. Only a series two workers create at the same moment still
+/// costs one.
 pub async fn resolve_series(
     client: &Client,
     keys: &[SeriesKey],
@@ -26,16 +32,20 @@ pub async fn resolve_series(
             .query(
                 "WITH wanted AS (
                      SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS w(house, device, metric)
+                 ), existing AS (
+                     SELECT s.series_id, s.house, s.device, s.metric
+                     FROM telemetry.series s JOIN wanted USING (house, device, metric)
                  ), created AS (
                      INSERT INTO telemetry.series (house, device, metric)
-                     SELECT house, device, metric FROM wanted ORDER BY house, device, metric
+                     SELECT house, device, metric FROM wanted
+                     WHERE (house, device, metric) NOT IN (SELECT house, device, metric FROM existing)
+                     ORDER BY house, device, metric
                      ON CONFLICT (house, device, metric) DO NOTHING
                      RETURNING series_id, house, device, metric
                  )
                  SELECT series_id, house, device, metric FROM created
                  UNION ALL
-                 SELECT s.series_id, s.house, s.device, s.metric
-                 FROM telemetry.series s JOIN wanted USING (house, device, metric)",
+                 SELECT series_id, house, device, metric FROM existing",
                 &[&houses, &devices, &metrics],
             )
             .await
