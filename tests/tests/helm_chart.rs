@@ -303,6 +303,18 @@ fn the_defaults_render_a_valid_hardened_release() {
         "{}",
         rendered.notes
     );
+
+    // A release named after the chart is not named twice (the README's names).
+    let ingest = render_ok("ingest", &[]);
+    for (kind, name) in [
+        ("Deployment", "ingest-consumer"),
+        ("Deployment", "ingest-gateway"),
+        ("Service", "ingest-gateway"),
+        ("Job", "ingest-migrate"),
+        ("ServiceAccount", "ingest-consumer"),
+    ] {
+        ingest.get(kind, name);
+    }
 }
 
 #[test]
