@@ -8,7 +8,7 @@
 # The binaries need only glibc, libm and libgcc_s at run time (TLS is
 # rustls with aws-lc, linked statically; CA certificates come from the
 # image's /etc/ssl/certs), which is what the cc image has.
-# tests/tests/helm_chart.rs (the_image_premise_holds) checks that premise
+# tests/tests/image.rs (the_image_premise_holds) checks that premise
 # without a container runtime: it runs the binary in a chroot holding only
 # those libraries, as a non-root user.
 
