@@ -7,7 +7,10 @@ mod observe;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use observe::{PROMETHEUS_HINT, alert_rules, repo, rules_file};
+use observe::{
+    PROMETHEUS_HINT, PROMETHEUS_OWN, alert_rules, exported_metrics, metric_names, repo, rules_file,
+    runbook_queries,
+};
 
 fn promtool(args: &[&str]) -> (bool, String) {
     let output = Command::new("promtool")
@@ -123,6 +126,22 @@ fn every_alert_has_annotations_and_a_runbook_section() {
                 section.contains(needle),
                 "runbook section {}: no {needle}",
                 rule.name
+            );
+        }
+    }
+}
+
+/// The runbook's queries name only metrics the binaries export.
+#[test]
+fn every_runbook_query_names_exported_metrics() {
+    let exported = exported_metrics();
+    for query in runbook_queries() {
+        let names = metric_names(&query);
+        assert!(!names.is_empty(), "no metric in runbook query {query}");
+        for name in names {
+            assert!(
+                exported.contains(&name) || PROMETHEUS_OWN.contains(&name.as_str()),
+                "docs/runbook.md: {name} (in {query}) is not in ingest/src/metrics.rs"
             );
         }
     }

@@ -25,6 +25,7 @@ use ingest::archive::provision::{ArchiveSpec, provision};
 use ingest::source::kinesis::KinesisSource;
 use observe::{
     PROMETHEUS_HINT, Prometheus, alert_rules, expand_promql, metric_names, panel_queries,
+    runbook_queries,
 };
 use tests::consumer::{ConsumerProcess, create_stream, records, wait_for_count};
 use tests::gateway::{CoapPeer, GatewayProcess, code, free_udp_port, request};
@@ -210,7 +211,7 @@ async fn panels_and_alerts_answer_from_a_real_prometheus() {
     let locked_db = TestDb::migrated("prometheus_live_locked").await;
     let (locked_stream, locked_source) = create_stream("prometheus-live-locked", 1).await;
     let locked_port = free_port();
-    let _locked_worker = ConsumerProcess::start(
+    let mut locked_worker = ConsumerProcess::start(
         &locked_db.url,
         &locked_stream,
         "live-locked",
@@ -447,6 +448,13 @@ async fn panels_and_alerts_answer_from_a_real_prometheus() {
         }
     }
 
+    // The runbook's queries evaluate (data or not: most need a fault).
+    for query in runbook_queries() {
+        if let Err(error) = prometheus.query(&query) {
+            failures.push(format!("docs/runbook.md: {query}: {error}"));
+        }
+    }
+
     // Every metric named anywhere was scraped from this test's processes.
     let mut used: BTreeMap<String, String> = BTreeMap::new();
     for query in &queries {
@@ -480,6 +488,7 @@ async fn panels_and_alerts_answer_from_a_real_prometheus() {
     stuck_source.delete_stream().await.ok();
     locked_source.delete_stream().await.ok();
     drop(lock);
+    locked_worker.kill();
     locked_db.drop().await;
     db.drop().await;
 }

@@ -535,3 +535,20 @@ fn encode(text: &str) -> String {
         })
         .collect()
 }
+
+/// The PromQL of docs/runbook.md: every line of its ```promql blocks.
+pub fn runbook_queries() -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("docs/runbook.md")).expect("docs/runbook.md");
+    let mut queries = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        match line.trim() {
+            "```promql" => inside = true,
+            "```" => inside = false,
+            query if inside && !query.is_empty() => queries.push(query.to_string()),
+            _ => {}
+        }
+    }
+    assert!(queries.len() >= 12, "too few runbook queries: {queries:?}");
+    queries
+}
