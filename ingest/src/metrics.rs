@@ -1,6 +1,12 @@
 //! Every metric name, in one place, with what it counts. Prometheus
 //! conventions: `ingest_` prefix, `_total` for counters, units in the name.
 
+/// CPU time this process used, user and system, in seconds (from /proc at
+/// each scrape, by metrics-process; every binary with a metrics endpoint).
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+/// This process's resident memory in bytes (metrics-process, as above).
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+
 /// Records received from Kinesis. Labels: shard.
 pub const RECORDS_READ: &str = "ingest_records_read_total";
 /// Bytes of record data received from Kinesis.

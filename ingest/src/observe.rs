@@ -1,4 +1,5 @@
-//! `/metrics` (Prometheus text), `/healthz` and `/readyz` over HTTP.
+//! `/metrics` (Prometheus text, with the process's own `process_*` metrics),
+//! `/healthz` and `/readyz` over HTTP.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,10 +48,17 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The process's own CPU, memory and descriptors (process_* as Prometheus
+    // clients name them), read from /proc at each scrape.
+    let process = metrics_process::Collector::default();
+    process.describe();
     let app = Router::new()
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics.render())),
+            get(move || {
+                process.collect();
+                std::future::ready(metrics.render())
+            }),
         )
         .route("/healthz", get(|| std::future::ready("ok\n")))
         .route(
