@@ -20,6 +20,7 @@ use tokio::net::UdpSocket;
 use tokio::time::sleep_until;
 
 use crate::message::{DeviceOutcome, DeviceTraffic, Fate, Protocol};
+use crate::metrics;
 use crate::run::Context;
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -211,6 +212,7 @@ pub async fn run(
             for message in messages {
                 fates.push((message.ts_ms, Fate::Failed(reason.clone())));
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                metrics::failed("coap", "no_socket");
             }
             return outcome(fates);
         }
@@ -256,6 +258,7 @@ pub async fn run(
                     last_error = Some(error.to_string());
                 }
                 stats.sent.fetch_add(1, Ordering::Relaxed);
+                metrics::sent("coap");
                 stats.in_flight.fetch_add(1, Ordering::Relaxed);
                 if context.clock.now_in_window(now) {
                     stats.sent_in_window.fetch_add(1, Ordering::Relaxed);
@@ -357,6 +360,7 @@ pub async fn run(
                 let unanswered = non_waiting.pop_front().expect("a NON");
                 stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                 fates.push((unanswered.ts_ms, Fate::Unconfirmed));
+                metrics::unconfirmed("coap");
             }
         }
     }
@@ -370,13 +374,25 @@ fn settle(
     (ts_ms, first_sent, in_window, fate): (i64, Instant, bool, Fate),
 ) {
     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    if fate == Fate::Acked {
-        stats.acked.fetch_add(1, Ordering::Relaxed);
-        if in_window {
-            stats.record_latency(first_sent.elapsed());
+    match fate {
+        Fate::Acked => {
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+            metrics::acked("coap", first_sent.elapsed());
+            if in_window {
+                stats.record_latency(first_sent.elapsed());
+            }
         }
-    } else {
-        stats.errors.fetch_add(1, Ordering::Relaxed);
+        // An error response or a reset: the gateway refused it.
+        Fate::Failed(_) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            metrics::failed("coap", "refused");
+        }
+        // No answer, or no separate response, in time (an unconfirmed NON
+        // is not settled here).
+        Fate::Uncertain(_) | Fate::Unconfirmed => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            metrics::uncertain("coap", "no_answer");
+        }
     }
     fates.push((ts_ms, fate));
 }

@@ -4,11 +4,14 @@
 //! The path of a run: `model` (who the devices are and what they send,
 //! from the seed) or `capture` (recorded traffic) -> `run` (one task per
 //! device: `mqtt` or `coap`, counting into `stats`) -> `verify` (what the
-//! database holds) -> `report`.
+//! database holds) -> `report`. With `--metrics-addr`, `endpoint` serves
+//! the counters of `metrics` (counted where `stats` counts) to Prometheus.
 
 pub mod capture;
 pub mod coap;
+pub mod endpoint;
 pub mod message;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod net;

@@ -8,7 +8,7 @@
 //! could not run.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use loadgen::capture;
+use loadgen::endpoint::Endpoint;
 use loadgen::message::{DeviceTraffic, Protocol};
 use loadgen::model::FleetSettings;
 use loadgen::net::{self, MqttTarget};
@@ -161,6 +162,14 @@ struct OutputArgs {
     /// No progress bar (there is none when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
+    /// Serve /metrics (Prometheus text) on this address while running.
+    /// [default: off]
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// With --metrics-addr: after the report, how long to wait for a last
+    /// scrape, so that the final counts reach Prometheus (0s: not at all).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    metrics_wait: Duration,
 }
 
 impl FleetArgs {
@@ -413,6 +422,24 @@ async fn finish(
     Ok(report)
 }
 
+/// Runs `run` with /metrics served (with --metrics-addr) from before its
+/// preflight to one last scrape after its report.
+async fn with_metrics(
+    addr: Option<SocketAddr>,
+    wait: Duration,
+    run: impl Future<Output = Result<Report, String>>,
+) -> Result<Report, String> {
+    let endpoint = match addr {
+        Some(addr) => Some(Endpoint::start(addr).await?),
+        None => None,
+    };
+    let report = run.await?;
+    if let Some(endpoint) = endpoint {
+        endpoint.finish(wait).await;
+    }
+    Ok(report)
+}
+
 /// Writes what a run would send.
 fn record(fleet: FleetArgs, out: PathBuf) -> Result<(), String> {
     let settings = fleet.settings()?;
@@ -444,10 +471,18 @@ fn main() -> ExitCode {
             targets,
             output,
         }) => runtime
-            .block_on(replay(file, speed, targets, output))
+            .block_on(with_metrics(
+                output.metrics_addr,
+                output.metrics_wait,
+                replay(file, speed, targets, output),
+            ))
             .map(Some),
         None => runtime
-            .block_on(run_fleet(cli.fleet, cli.targets, cli.output))
+            .block_on(with_metrics(
+                cli.output.metrics_addr,
+                cli.output.metrics_wait,
+                run_fleet(cli.fleet, cli.targets, cli.output),
+            ))
             .map(Some),
     };
     match result {

@@ -20,6 +20,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::sleep_until;
 
 use crate::message::{DeviceOutcome, DeviceTraffic, Fate, Protocol};
+use crate::metrics;
 use crate::run::Context;
 
 /// Seconds without a packet before the broker may drop us; we ping at half.
@@ -152,6 +153,7 @@ pub async fn run(
         QoS::AtLeastOnce
     };
     let stats = context.stats.of(traffic.protocol);
+    let protocol = traffic.protocol.name();
     let mut fates = Vec::new();
     let mut messages = traffic.messages.peekable();
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
@@ -170,6 +172,7 @@ pub async fn run(
                     for message in messages.by_ref() {
                         fates.push((message.ts_ms, Fate::Failed(reason.clone())));
                         stats.errors.fetch_add(1, Ordering::Relaxed);
+                        metrics::failed(protocol, "cannot_connect");
                     }
                     break;
                 }
@@ -203,6 +206,7 @@ pub async fn run(
                     let result = connection.send(Packet::Publish(publish)).await;
                     last_sent = now;
                     stats.sent.fetch_add(1, Ordering::Relaxed);
+                    metrics::sent(protocol);
                     if context.clock.now_in_window(now) {
                         stats.sent_in_window.fetch_add(1, Ordering::Relaxed);
                     }
@@ -210,8 +214,12 @@ pub async fn run(
                         (Err(error), _) => {
                             fates.push((message.ts_ms, Fate::Uncertain(format!("connection lost: {error}"))));
                             stats.errors.fetch_add(1, Ordering::Relaxed);
+                            metrics::uncertain(protocol, "connection_lost");
                         }
-                        (Ok(()), QoS::AtMostOnce) => fates.push((message.ts_ms, Fate::Unconfirmed)),
+                        (Ok(()), QoS::AtMostOnce) => {
+                            fates.push((message.ts_ms, Fate::Unconfirmed));
+                            metrics::unconfirmed(protocol);
+                        }
                         (Ok(()), _) => {
                             stats.in_flight.fetch_add(1, Ordering::Relaxed);
                             in_flight.push_back(InFlight {
@@ -230,6 +238,7 @@ pub async fn run(
                             let acked = in_flight.remove(position).expect("found");
                             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                             stats.acked.fetch_add(1, Ordering::Relaxed);
+                            metrics::acked(protocol, acked.sent_at.elapsed());
                             if acked.in_window {
                                 stats.record_latency(acked.sent_at.elapsed());
                             }
@@ -244,6 +253,7 @@ pub async fn run(
                     let oldest = in_flight.pop_front().expect("an oldest");
                     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                     stats.errors.fetch_add(1, Ordering::Relaxed);
+                    metrics::uncertain(protocol, "ack_timeout");
                     fates.push((oldest.ts_ms, Fate::Uncertain(format!("no PUBACK within {:?}", context.ack_timeout))));
                     None
                 }
@@ -257,6 +267,7 @@ pub async fn run(
                 for lost in in_flight.drain(..) {
                     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                     stats.errors.fetch_add(1, Ordering::Relaxed);
+                    metrics::uncertain(protocol, "connection_lost");
                     fates.push((
                         lost.ts_ms,
                         Fate::Uncertain(format!("connection lost before PUBACK: {error}")),
