@@ -308,13 +308,19 @@ fn add_field(tape: &[Node<'_>], k: usize, reading: &mut Reading) -> Result<(), D
             let nodes = tape
                 .get(k + 1..k + 1 + span(value))
                 .ok_or_else(malformed_tape)?;
-            let mut body = String::new();
-            write_compact(nodes, name, &mut body)?;
-            if body.contains("\\u0000") {
+            // A NUL in any string (or key) of the value, not the text
+            // `\u0000` in the output: an escaped backslash before "u0000"
+            // is text that jsonb stores.
+            let holds_nul = nodes
+                .iter()
+                .any(|node| matches!(node, Node::String(s) if s.contains('\0')));
+            if holds_nul {
                 return Err(DecodeError::NulInEvent {
                     field: truncate_for_error(name),
                 });
             }
+            let mut body = String::new();
+            write_compact(nodes, name, &mut body)?;
             reading.events.push(Event {
                 kind: name.to_owned(),
                 body,

@@ -28,6 +28,16 @@ fn accepted_records() {
             r#"{"device":"d","house":"","ts":1763900000,"x":1}"#,
             ok("d", "", T, &[("x", 1.0)], &[]),
         ),
+        // A backslash before "u0000" is text, not NUL: jsonb takes it.
+        (
+            r#"{"device":"d","ts":1763900000,"path":"C:\\u0000"}"#,
+            ok("d", "", T, &[], &[("path", r#""C:\\u0000""#)]),
+        ),
+        // The largest magnitudes a sample may have.
+        (
+            r#"{"device":"d","ts":1763900000,"big":1e100,"small":-1e100}"#,
+            ok("d", "", T, &[("big", 1e100), ("small", -1e100)], &[]),
+        ),
         // Timestamps in every unit.
         (
             r#"{"device":"d","ts":1763900000.5,"x":1}"#,
@@ -297,6 +307,21 @@ fn rejected_records() {
             r#"{"device":"d","fields":{"tags":["x","\u0000"]}}"#,
             Err(DecodeError::NulInEvent {
                 field: "tags".to_owned(),
+            }),
+        ),
+        // Beyond ±1e100 the hourly aggregates could overflow.
+        (
+            r#"{"device":"d","x":1.5e100}"#,
+            Err(DecodeError::ValueOutOfRange {
+                field: "x".to_owned(),
+                value: 1.5e100,
+            }),
+        ),
+        (
+            r#"{"device":"d","fields":{"y":-1e308}}"#,
+            Err(DecodeError::ValueOutOfRange {
+                field: "y".to_owned(),
+                value: -1e308,
             }),
         ),
         // Non-finite spellings.
