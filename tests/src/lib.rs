@@ -29,12 +29,16 @@ pub fn base_ts() -> i64 {
     static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *BASE.get_or_init(|| {
         const DAY_MS: i64 = 86_400_000;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("the clock is past 1970")
-            .as_millis() as i64;
-        (now_ms / DAY_MS - 2) * DAY_MS
+        (now_ms() / DAY_MS - 2) * DAY_MS
     })
+}
+
+/// The wall clock in epoch milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        .as_millis() as i64
 }
 
 /// The URL of the stack's database, whose role may create databases and roles.
@@ -152,6 +156,35 @@ pub fn loadgen_bin() -> PathBuf {
     workspace_bin("loadgen")
 }
 
+/// Runs loadgen to its end, failing the test if it runs past `within`.
+pub fn run_loadgen(args: &[&str], within: std::time::Duration) -> Output {
+    use std::process::Stdio;
+    let mut child = Command::new(loadgen_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen starts");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("loadgen {args:?} still ran after {within:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("its output")
+}
+
+/// A process's stdout and stderr, labelled, for a failure message.
+pub fn stdio(output: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// A binary of the workspace, from the test's own target directory.
 fn workspace_bin(name: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test's own path");
@@ -200,16 +233,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A plain HTTP/1.1 GET on loopback: (status code, body). Enough for the
+/// A plain HTTP GET on loopback: (status code, body). Enough for the
 /// health and metrics endpoints, without an HTTP client dependency.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// An HTTP/1.0 GET (so the answer is never chunked) from `host:port`:
+/// (status code, body).
+pub fn http_get_at(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut stream = std::net::TcpStream::connect((host, port))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response

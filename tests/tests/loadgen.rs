@@ -5,13 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tests::consumer::{ConsumerProcess, create_stream};
 use tests::gateway::{GatewayProcess, free_udp_port, read_stream};
-use tests::{START_HINT, TestDb, free_port, loadgen_bin};
+use tests::{START_HINT, TestDb, free_port, run_loadgen, stdio};
 
 /// A prefix of this test run's own (device ids are <prefix>-000042).
 fn prefix(test: &str) -> String {
@@ -25,33 +24,6 @@ fn mqtt_url() -> String {
 
 fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("loadgen-{}-{name}", std::process::id()))
-}
-
-/// Runs loadgen to its end, failing the test if it runs past `within`.
-fn loadgen(args: &[&str], within: Duration) -> Output {
-    let mut child = Command::new(loadgen_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("loadgen starts");
-    let deadline = Instant::now() + within;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            child.kill().ok();
-            panic!("loadgen {args:?} still ran after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("its output")
-}
-
-fn stdio(output: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn read_json(path: &Path) -> Value {
@@ -100,7 +72,7 @@ async fn a_small_mixed_run_lands_every_record_exactly_once() {
     let json = scratch("small.json");
     let coap = gateway.coap.to_string();
 
-    let output = loadgen(
+    let output = run_loadgen(
         &[
             "--devices",
             "200",
@@ -185,7 +157,7 @@ async fn a_replay_sends_exactly_what_was_recorded() {
     let capture = scratch("traffic.jsonl");
     let again = scratch("traffic-again.jsonl");
     let record = |out: &Path| {
-        loadgen(
+        run_loadgen(
             &[
                 "record",
                 "--devices",
@@ -250,7 +222,7 @@ async fn a_replay_sends_exactly_what_was_recorded() {
     let (stream, source) = create_stream("loadgen-replay", 1).await;
     let gateway = gateway_with_bridge(&stream, &name).await;
     let json = scratch("replay.json");
-    let output = loadgen(
+    let output = run_loadgen(
         &[
             "replay",
             capture.to_str().unwrap(),
@@ -303,7 +275,7 @@ async fn a_replay_sends_exactly_what_was_recorded() {
 /// with exit status 1, nothing on stdout, and one line on stderr that starts
 /// with `error`.
 fn assert_fails_in_one_line(args: &[&str], error: &str) {
-    let output = loadgen(args, Duration::from_secs(30));
+    let output = run_loadgen(args, Duration::from_secs(30));
     assert_eq!(output.status.code(), Some(1), "{}", stdio(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

@@ -7,14 +7,13 @@ mod observe;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use observe::{PROMETHEUS_HINT, Prometheus};
 use serde_json::Value;
 use tests::consumer::create_stream;
 use tests::gateway::GatewayProcess;
-use tests::{START_HINT, free_port, loadgen_bin};
+use tests::{START_HINT, free_port, run_loadgen, stdio};
 
 /// A discovery entry in the stack's targets folder; removed when dropped.
 struct TargetFile(PathBuf);
@@ -47,33 +46,6 @@ impl Drop for TargetFile {
     }
 }
 
-/// Runs loadgen to its end, failing the test if it runs past `within`.
-fn loadgen(args: &[&str], within: Duration) -> Output {
-    let mut child = Command::new(loadgen_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("loadgen starts");
-    let deadline = Instant::now() + within;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            child.kill().ok();
-            panic!("loadgen {args:?} still ran after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("its output")
-}
-
-fn stdio(output: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 /// The last value Prometheus stored of each series of `expr` (a selector),
 /// summed by protocol. Range selectors skip the staleness markers written
 /// when loadgen exits, so the final scrape's values are found.
@@ -103,7 +75,7 @@ async fn prometheus_scrapes_the_counts_loadgen_reports() {
     let _target = TargetFile::write(&test, port);
     let json = std::env::temp_dir().join(format!("{test}.json"));
 
-    let output = loadgen(
+    let output = run_loadgen(
         &[
             "--devices",
             "40",
@@ -229,7 +201,7 @@ async fn prometheus_scrapes_the_counts_loadgen_reports() {
 fn a_metrics_address_in_use_is_one_line_and_a_failure() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let output = loadgen(
+    let output = run_loadgen(
         &["--devices", "1", "--metrics-addr", &addr],
         Duration::from_secs(30),
     );

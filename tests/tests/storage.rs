@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio_postgres::Client;
 
 use tests::consumer::{ConsumerProcess, create_stream, record, wait_for_count};
-use tests::{TestDb, base_ts, run_ingest, text};
+use tests::{TestDb, base_ts, now_ms, run_ingest, text};
 
 /// Generous bound for a test's records to land; a bound, not a speed target.
 const LAND_WITHIN: Duration = Duration::from_secs(90);
@@ -55,22 +55,12 @@ async fn migrated(test_name: &str, storage: &str, flags: &[&str]) -> TestDb {
     db
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// (kind, count) of the dead letters.
-async fn dead_letter_kinds(client: &Client) -> Vec<(String, i64)> {
+/// The (text, count) rows of `sql`.
+async fn counts(client: &Client, sql: &str) -> Vec<(String, i64)> {
     client
-        .query(
-            "SELECT reason_kind, count(*) FROM ingest.dead_letters GROUP BY 1 ORDER BY 1",
-            &[],
-        )
+        .query(sql, &[])
         .await
-        .unwrap()
+        .unwrap_or_else(|error| panic!("{sql}: {}", ingest::db::describe(&error)))
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect()
@@ -199,7 +189,11 @@ async fn hostile_values_and_times_become_dead_letters(storage: &str) {
         4
     );
     assert_eq!(
-        dead_letter_kinds(&client).await,
+        counts(
+            &client,
+            "SELECT reason_kind, count(*) FROM ingest.dead_letters GROUP BY 1 ORDER BY 1"
+        )
+        .await,
         [
             ("outside_time_window".to_string(), 2),
             ("value_out_of_range".to_string(), 2)
@@ -223,18 +217,12 @@ async fn hostile_values_and_times_become_dead_letters(storage: &str) {
         reasons[2].contains("outside the accepted window"),
         "{reasons:?}"
     );
-    let per_device: Vec<(String, i64)> = client
-        .query(
-            "SELECT device, count(*) FROM telemetry.samples_named GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
     assert_eq!(
-        per_device,
+        counts(
+            &client,
+            "SELECT device, count(*) FROM telemetry.samples_named GROUP BY 1 ORDER BY 1"
+        )
+        .await,
         [("edge".to_string(), 2), ("good".to_string(), good)]
     );
     assert!(worker.is_running(), "hostile input stopped the worker");

@@ -452,26 +452,7 @@ impl Prometheus {
 
     /// An HTTP/1.0 GET (so no chunked answer): (status, body).
     fn get(&self, path_and_query: &str) -> std::io::Result<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect((self.host.as_str(), self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(
-            stream,
-            "GET {path_and_query} HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.host
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, body)| body)
-            .to_string();
-        Ok((status, body))
+        tests::http_get_at(&self.host, self.port, path_and_query)
     }
 
     /// An API call's `data`, or Prometheus's error text.
