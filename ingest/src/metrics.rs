@@ -31,6 +31,10 @@ pub const LEASES_HELD: &str = "ingest_leases_held";
 pub const LEASE_STEALS: &str = "ingest_lease_steals_total";
 /// Leases this worker lost to another.
 pub const LEASES_LOST: &str = "ingest_leases_lost_total";
+/// Shards treated as ended because Kinesis no longer lists them (a parent
+/// older than the retention period, after an outage): its unread records
+/// are lost to the retention.
+pub const SHARDS_EXPIRED: &str = "ingest_shards_expired_total";
 /// Retried operations. Labels: cause (throttled, expired_iterator, network,
 /// database_unavailable, ...).
 pub const RETRIES: &str = "ingest_retries_total";

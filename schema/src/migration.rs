@@ -70,6 +70,13 @@ pub static MIGRATIONS: &[Migration] = &[
         postgres: "",
         timescaledb: "",
     },
+    Migration {
+        version: 6,
+        name: "stream identity and start points",
+        common: include_str!("../migrations/0006_stream_identity.sql"),
+        postgres: "",
+        timescaledb: "",
+    },
 ];
 
 #[cfg(test)]

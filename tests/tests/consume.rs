@@ -15,7 +15,7 @@ const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
 async fn owners(client: &tokio_postgres::Client, stream: &str) -> Vec<(Option<String>, i64)> {
     client
         .query(
-            "SELECT owner, count(*) FROM ingest.shard_leases WHERE stream = $1 AND NOT ended
+            "SELECT owner, count(*) FROM ingest.shard_leases WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND NOT ended
              GROUP BY owner ORDER BY owner NULLS FIRST",
             &[&stream],
         )
@@ -61,7 +61,7 @@ async fn every_record_of_a_four_shard_stream_lands_exactly_once() {
 
     let checkpoints: i64 = client
         .query_one(
-            "SELECT count(checkpoint) FROM ingest.shard_leases WHERE stream = $1",
+            "SELECT count(checkpoint) FROM ingest.shard_leases WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1)",
             &[&stream],
         )
         .await

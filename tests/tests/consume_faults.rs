@@ -91,7 +91,7 @@ async fn leases(
 ) -> HashMap<String, (Option<String>, bool, Option<String>)> {
     client
         .query(
-            "SELECT shard_id, owner, ended, checkpoint FROM ingest.shard_leases WHERE stream = $1",
+            "SELECT shard_id, owner, ended, checkpoint FROM ingest.shard_leases WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1)",
             &[&stream],
         )
         .await
@@ -108,7 +108,7 @@ async fn wait_for_leases(client: &Client, stream: &str, worker: &str, count: i64
         let held: i64 = client
             .query_one(
                 "SELECT count(*) FROM ingest.shard_leases
-                 WHERE stream = $1 AND owner = $2 AND NOT ended AND expires_at > now()",
+                 WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND owner = $2 AND NOT ended AND expires_at > now()",
                 &[&stream, &worker],
             )
             .await
@@ -293,7 +293,7 @@ async fn a_split_and_a_merge_during_a_run_lose_and_double_nothing() {
     let children_read = wait_for(
         &client,
         "SELECT count(*) FROM ingest.shard_leases
-         WHERE stream = $1 AND $2 = ANY (parent_shard_ids) AND checkpoint IS NOT NULL",
+         WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND $2 = ANY (parent_shard_ids) AND checkpoint IS NOT NULL",
         &[&stream, &parent],
         2,
         LAND_WITHIN,
@@ -324,7 +324,7 @@ async fn a_split_and_a_merge_during_a_run_lose_and_double_nothing() {
     let merged_read = wait_for(
         &client,
         "SELECT count(*) FROM ingest.shard_leases
-         WHERE stream = $1 AND parent_shard_ids @> ARRAY[$2, $3] AND checkpoint IS NOT NULL",
+         WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND parent_shard_ids @> ARRAY[$2, $3] AND checkpoint IS NOT NULL",
         &[&stream, &lower, &upper],
         1,
         LAND_WITHIN,
@@ -496,7 +496,7 @@ async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
     let row = steal
         .query_one(
             "SELECT checkpoint, (ctid::text::point)[0]::int, (ctid::text::point)[1]::int
-             FROM ingest.shard_leases WHERE stream = $1 AND shard_id = $2 FOR UPDATE",
+             FROM ingest.shard_leases WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND shard_id = $2 FOR UPDATE",
             &[&stream, &stolen],
         )
         .await
@@ -524,7 +524,7 @@ async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
             "UPDATE ingest.shard_leases
              SET owner = 'intruder', lease_counter = lease_counter + 1,
                  expires_at = now() + interval '1 hour'
-             WHERE stream = $1 AND shard_id = $2",
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND shard_id = $2",
             &[&stream, &stolen],
         )
         .await
@@ -570,7 +570,7 @@ async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
     client
         .execute(
             "UPDATE ingest.shard_leases SET owner = NULL, expires_at = NULL
-             WHERE stream = $1 AND shard_id = $2",
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND shard_id = $2",
             &[&stream, &stolen],
         )
         .await
@@ -690,7 +690,7 @@ async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothi
         .query_one(
             "UPDATE ingest.shard_leases
              SET owner = NULL, expires_at = NULL, lease_counter = lease_counter + 1
-             WHERE stream = $1 AND shard_id = $2 RETURNING lease_counter",
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND shard_id = $2 RETURNING lease_counter",
             &[&stream, &shard],
         )
         .await
@@ -699,7 +699,7 @@ async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothi
     let back = wait_for(
         &client,
         "SELECT count(*) FROM ingest.shard_leases
-         WHERE stream = $1 AND shard_id = $2 AND owner = 'w1' AND lease_counter > $3",
+         WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND shard_id = $2 AND owner = 'w1' AND lease_counter > $3",
         &[&stream, &shard, &counter],
         1,
         SETTLE_WITHIN,

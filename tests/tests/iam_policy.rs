@@ -31,6 +31,7 @@ fn the_consumer_policy_is_least_privilege() {
         granted,
         [
             "firehose:PutRecordBatch on deliverystream/${DELIVERY_STREAM_NAME}",
+            "kinesis:DescribeStreamSummary on stream/${STREAM_NAME}",
             "kinesis:GetRecords on stream/${STREAM_NAME}",
             "kinesis:GetShardIterator on stream/${STREAM_NAME}",
             "kinesis:ListShards on stream/${STREAM_NAME}",

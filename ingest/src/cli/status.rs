@@ -2,14 +2,15 @@
 
 use clap::Args;
 
-use ingest::lease::status;
+use ingest::lease::{identity, status};
 
 use super::{ConfigFile, DatabaseArgs};
 
 /// Show the shards of a stream with their owners, checkpoints and lag, and the
 /// workers with their heartbeats, as the lease table has them now.
 ///
-/// Reads the database only (no AWS access). An owner is shown only while its
+/// Reads the database only (no AWS access): the stream is found by its name
+/// or ARN among the streams consumers have registered. An owner is shown only while its
 /// lease is unexpired; "behind" is Kinesis's MillisBehindLatest at the last
 /// commit, and "committed" how long ago the checkpoint last moved.
 #[derive(Debug, Args)]
@@ -24,8 +25,10 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs, file: ConfigFile) -> anyhow::Result<()> {
     let database = args.database.validate(file.database)?;
     let client = ingest::db::connect(&database).await?;
-    let shards = status::shards(&client, &args.stream).await?;
-    let workers = status::workers(&client, &args.stream).await?;
+    // A name or an ARN: the newest stream by that name or ARN.
+    let lease_key = identity::resolve(&client, &args.stream).await?;
+    let shards = status::shards(&client, &lease_key).await?;
+    let workers = status::workers(&client, &lease_key).await?;
 
     let open = shards.iter().filter(|s| !s.ended).count();
     println!(
@@ -38,6 +41,12 @@ pub async fn run(args: StatusArgs, file: ConfigFile) -> anyhow::Result<()> {
             .filter(|w| w.seconds_since_heartbeat < 60.0)
             .count()
     );
+    if lease_key != args.stream {
+        println!("lease key {lease_key}");
+    }
+    for old_key in identity::kept_aside(&client, &lease_key).await? {
+        println!("kept aside: the leases of an older stream of the same name, {old_key}");
+    }
     if shards.is_empty() {
         println!("no shards in the lease table: no consumer has started on this stream yet");
         return Ok(());

@@ -17,7 +17,8 @@ use crate::archive::Archive;
 use crate::batch::{Batch, SeriesCache};
 use crate::db::{self, Database};
 use crate::decode::{DEFAULT_MAX_AGE, Decoder, TimeWindow};
-use crate::lease::{HeldLease, LeaseStore, Move, plan};
+use crate::lease::identity::{self, StreamIdentity};
+use crate::lease::{FirstStart, HeldLease, LeaseStore, Move, plan};
 use crate::metrics as m;
 use crate::observe::Readiness;
 use crate::sink::postgres::SinkError;
@@ -36,6 +37,20 @@ pub enum ConsumerError {
     Archive(#[from] crate::archive::ArchiveError),
     #[error("the database has no ingest schema: run `ingest migrate` first")]
     NotMigrated,
+    #[error("stream {0:?} does not exist")]
+    NoStream(String),
+    #[error(
+        "the Kinesis endpoint refused the stream's ARN ({0}); it takes stream names only \
+         (kinesalite does this): start with --stream <name>"
+    )]
+    ArnRefused(String),
+    #[error(transparent)]
+    Leases(#[from] SinkError),
+    #[error(
+        "stream {0:?} was deleted and created again while this worker read it: restart \
+         the worker to read the new stream (the old stream's leases are kept aside)"
+    )]
+    Recreated(String),
     #[error("{0}")]
     Schema(#[from] schema::SchemaError),
 }
@@ -49,6 +64,10 @@ struct Running {
 struct Coordinator {
     config: ConsumerConfig,
     source: KinesisSource,
+    /// The stream the leases are keyed by; checked at every shard sync.
+    identity: StreamIdentity,
+    /// Set when the stream was found created again: the worker stops.
+    recreated: bool,
     store: LeaseStore,
     /// Connections for the coordinator and the writers.
     database: Database,
@@ -93,6 +112,7 @@ pub async fn run(
     readiness: Arc<Readiness>,
 ) -> Result<(), ConsumerError> {
     let source = KinesisSource::from_env(&config.stream).await?;
+    let identity = stream_identity(&source).await?;
     let archive = match &config.archive_delivery_stream {
         Some(name) => Some(Archive::from_env(name).await?),
         None => None,
@@ -114,10 +134,28 @@ pub async fn run(
         max_ahead = %humantime::format_duration(window.max_ahead),
         "readings outside this window around now become dead letters"
     );
+    let lease_key = {
+        let mut client = database.get_retrying().await?;
+        let registered = identity::register(&mut client, &identity, &config.stream).await?;
+        for old_key in &registered.adopted {
+            tracing::info!(old_key, lease_key = %registered.lease_key, "adopted the leases of an older version, keyed by the stream's name or ARN");
+        }
+        for old_key in &registered.kept_aside {
+            tracing::warn!(old_key, lease_key = %registered.lease_key, "leases older than the stream (an earlier stream of the same name) are kept aside, not read");
+        }
+        registered.lease_key
+    };
     let store = LeaseStore {
-        stream: config.stream.clone(),
+        stream: lease_key.clone(),
         worker: config.worker_id.clone(),
         ttl: config.lease_ttl,
+        first_start: match &config.start {
+            StartPosition::Latest => FirstStart::Latest,
+            StartPosition::AtTimestamp(at) => FirstStart::At(*at),
+            StartPosition::TrimHorizon | StartPosition::AfterSequence(_) => {
+                FirstStart::TrimHorizon
+            }
+        },
     };
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -128,7 +166,7 @@ pub async fn run(
         writer_inputs.push(input);
         let writer = Writer {
             index,
-            stream: config.stream.clone(),
+            stream: lease_key.clone(),
             worker: config.worker_id.clone(),
             database: database.clone(),
             policy: config.flush,
@@ -147,6 +185,8 @@ pub async fn run(
     let mut coordinator = Coordinator {
         config,
         source,
+        identity,
+        recreated: false,
         store,
         database,
         storage,
@@ -162,14 +202,19 @@ pub async fn run(
         archive,
         window,
     };
-    tracing::info!(stream = %coordinator.config.stream, worker = %coordinator.config.worker_id, "consumer started");
+    tracing::info!(stream = %coordinator.config.stream, lease_key = %coordinator.store.stream, worker = %coordinator.config.worker_id, "consumer started");
 
     let mut ticks = tokio::time::interval(coordinator.config.lease_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
-            _ = ticks.tick() => coordinator.round().await,
+            _ = ticks.tick() => {
+                coordinator.round().await;
+                if coordinator.recreated {
+                    break Err(ConsumerError::Recreated(coordinator.config.stream.clone()));
+                }
+            }
             Some(event) = events.recv() => coordinator.on_writer_event(event),
             Some(stopped) = coordinator.tasks.join_next() => {
                 if let Ok(stopped) = stopped {
@@ -189,12 +234,34 @@ pub async fn run(
     outcome
 }
 
+/// The stream's ARN and creation time, from DescribeStreamSummary.
+async fn stream_identity(source: &KinesisSource) -> Result<StreamIdentity, ConsumerError> {
+    let described = match source.describe_stream().await {
+        Ok(described) => described,
+        // kinesalite answers a StreamARN with "StreamName should be provided".
+        Err(error @ SourceError::InvalidArgument { .. }) if source.stream().starts_with("arn:") => {
+            return Err(ConsumerError::ArnRefused(error.to_string()));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let described = described.ok_or_else(|| ConsumerError::NoStream(source.stream().into()))?;
+    Ok(StreamIdentity {
+        name: described.name,
+        arn: described.arn,
+        created_at: described.created_at,
+    })
+}
+
 impl Coordinator {
     /// One round: heartbeat, renew, balance, and now and then the shard list
     /// and partition maintenance. Errors are logged and the next round tries again.
     async fn round(&mut self) {
         let result = self.try_round().await;
         self.readiness.set(result.is_ok());
+        if let Err(RoundError::Recreated) = result {
+            self.recreated = true;
+            return;
+        }
         if let Err(error) = result {
             tracing::warn!(%error, "lease round failed; trying again next round");
             metrics::counter!(m::RETRIES, "cause" => "lease_round").increment(1);
@@ -209,6 +276,12 @@ impl Coordinator {
         let connection = self.database.get().await?;
         let client: &tokio_postgres::Client = &connection;
         if self.sync_due || self.last_sync.elapsed() >= self.config.shard_sync_interval {
+            // The same name may now be another stream: its shards are not ours.
+            if let Some(now) = self.source.describe_stream().await?
+                && (now.arn != self.identity.arn || now.created_at != self.identity.created_at)
+            {
+                return Err(RoundError::Recreated);
+            }
             let shards = self.source.list_shards().await?;
             let rows: Vec<(String, Vec<String>)> = shards
                 .iter()
@@ -217,6 +290,16 @@ impl Coordinator {
             let added = self.store.sync_shards(client, &rows).await?;
             if added > 0 {
                 tracing::info!(added, "new shards in the lease table");
+            }
+            let listed: Vec<&str> = shards.iter().map(|s| s.shard_id.as_str()).collect();
+            for expired in self.store.end_expired(client, &listed).await? {
+                tracing::warn!(
+                    shard = %expired.shard_id,
+                    checkpoint = ?expired.checkpoint,
+                    "Kinesis no longer lists this shard (older than the retention period): \
+                     treated as ended, its children are read; its records after the checkpoint are lost"
+                );
+                metrics::counter!(m::SHARDS_EXPIRED).increment(1);
             }
             self.shards = shards
                 .into_iter()
@@ -234,6 +317,7 @@ impl Coordinator {
                 shard_id: shard_id.clone(),
                 counter: r.lease_counter,
                 checkpoint: None,
+                start_at: None,
             })
             .collect();
         let still_held = self.store.renew(client, &held).await?;
@@ -276,7 +360,11 @@ impl Coordinator {
             // A child's first records were written before anyone read it. A
             // shard missing from this worker's (older) list is a new child too.
             None if has_parents => StartPosition::TrimHorizon,
-            None => self.config.start.clone(),
+            // Fixed when the lease was first taken: every owner starts there.
+            None => match lease.start_at {
+                Some(at) => StartPosition::AtTimestamp(at),
+                None => self.config.start.clone(),
+            },
         };
         let writer = match self.assigned.get(&lease.shard_id) {
             Some(writer) => *writer,
@@ -411,4 +499,6 @@ enum RoundError {
     Schema(#[from] schema::SchemaError),
     #[error(transparent)]
     Connect(#[from] db::ConnectError),
+    #[error("the stream was deleted and created again")]
+    Recreated,
 }

@@ -2,7 +2,7 @@
 //! checkpoint update names the counter it holds, so a lease that moved on
 //! cannot be written by its old owner (see `sink::postgres::commit`).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Client;
 
@@ -17,18 +17,46 @@ pub struct HeldLease {
     pub counter: i64,
     /// Where reading resumes (after this sequence number); None: from the start position.
     pub checkpoint: Option<String>,
+    /// Where a shard without a checkpoint starts (AT_TIMESTAMP), fixed when
+    /// its lease was first taken; None: trim horizon.
+    pub start_at: Option<SystemTime>,
+}
+
+/// Where a shard without a checkpoint or parents starts, as `--start` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstStart {
+    TrimHorizon,
+    /// `latest`: the time the lease is first taken (the database's clock).
+    Latest,
+    At(SystemTime),
+}
+
+/// A shard that Kinesis no longer lists (it aged out of the retention
+/// period) and that the lease table had not seen to its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredShard {
+    pub shard_id: String,
+    pub checkpoint: Option<String>,
 }
 
 /// Lease operations of one worker on one stream.
 #[derive(Debug, Clone)]
 pub struct LeaseStore {
-    /// The stream (name or ARN) the leases belong to.
+    /// The stream's lease key (see [`super::identity`]).
     pub stream: String,
     /// This worker's id, written as the owner.
     pub worker: String,
     /// How long a lease lasts without renewal; also how long a silent worker counts as live.
     pub ttl: Duration,
+    /// Recorded on a shard's lease when it is first taken.
+    pub first_start: FirstStart,
 }
+
+/// Sets `start_at` once, on a shard with no checkpoint and no parents; $5:
+/// latest (now), $6: a time (or NULL: trim horizon).
+const FIRST_START: &str = "start_at = COALESCE(l.start_at, CASE
+    WHEN l.checkpoint IS NOT NULL OR cardinality(l.parent_shard_ids) > 0 THEN NULL
+    WHEN $5 THEN now() ELSE $6::timestamptz END)";
 
 /// Readable: not ended, and every parent (that we know of) ended.
 const READABLE: &str = "NOT l.ended AND NOT EXISTS (
@@ -38,6 +66,48 @@ const READABLE: &str = "NOT l.ended AND NOT EXISTS (
 impl LeaseStore {
     fn ttl_secs(&self) -> f64 {
         self.ttl.as_secs_f64()
+    }
+
+    /// The parameters $5 and $6 of [`FIRST_START`].
+    fn first_start(&self) -> (bool, Option<SystemTime>) {
+        match self.first_start {
+            FirstStart::TrimHorizon => (false, None),
+            FirstStart::Latest => (true, None),
+            FirstStart::At(at) => (false, Some(at)),
+        }
+    }
+
+    /// Ends the shards Kinesis no longer lists (`listed` is every shard it
+    /// does): after an outage longer than the retention period a parent may
+    /// be gone, and its children must still be read. Its unread records are
+    /// lost to the retention, not to us. Bumps the counter, so that a worker
+    /// still holding such a lease stops. An empty listing ends nothing.
+    pub async fn end_expired(
+        &self,
+        client: &Client,
+        listed: &[&str],
+    ) -> Result<Vec<ExpiredShard>, SinkError> {
+        if listed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = client
+            .query(
+                "UPDATE ingest.shard_leases
+                 SET ended = true, owner = NULL, expires_at = NULL,
+                     lease_counter = lease_counter + 1, updated_at = now()
+                 WHERE stream = $1 AND NOT ended AND NOT (shard_id = ANY ($2))
+                 RETURNING shard_id, checkpoint",
+                &[&self.stream, &listed],
+            )
+            .await
+            .map_err(SinkError::during("ending shards Kinesis no longer lists"))?;
+        Ok(rows
+            .iter()
+            .map(|row| ExpiredShard {
+                shard_id: row.get(0),
+                checkpoint: row.get(1),
+            })
+            .collect())
     }
 
     /// Adds shards that are not in the table yet (new stream, split, merge).
@@ -143,6 +213,7 @@ impl LeaseStore {
         client: &Client,
         count: usize,
     ) -> Result<Vec<HeldLease>, SinkError> {
+        let (latest, at) = self.first_start();
         let rows = client
             .query(
                 &format!(
@@ -153,11 +224,19 @@ impl LeaseStore {
                          FOR UPDATE SKIP LOCKED)
                      UPDATE ingest.shard_leases l
                      SET owner = $2, lease_counter = l.lease_counter + 1,
-                         expires_at = now() + make_interval(secs => $3), updated_at = now()
+                         expires_at = now() + make_interval(secs => $3), updated_at = now(),
+                         {FIRST_START}
                      FROM free WHERE l.stream = $1 AND l.shard_id = free.shard_id
-                     RETURNING l.shard_id, l.lease_counter, l.checkpoint"
+                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.start_at"
                 ),
-                &[&self.stream, &self.worker, &self.ttl_secs(), &(count as i64)],
+                &[
+                    &self.stream,
+                    &self.worker,
+                    &self.ttl_secs(),
+                    &(count as i64),
+                    &latest,
+                    &at,
+                ],
             )
             .await
             .map_err(SinkError::during("taking free leases"))?;
@@ -171,6 +250,7 @@ impl LeaseStore {
         client: &Client,
         victim: &str,
     ) -> Result<Option<HeldLease>, SinkError> {
+        let (latest, at) = self.first_start();
         let row = client
             .query_opt(
                 &format!(
@@ -181,11 +261,19 @@ impl LeaseStore {
                          FOR UPDATE SKIP LOCKED)
                      UPDATE ingest.shard_leases l
                      SET owner = $2, lease_counter = l.lease_counter + 1,
-                         expires_at = now() + make_interval(secs => $3), updated_at = now()
+                         expires_at = now() + make_interval(secs => $3), updated_at = now(),
+                         {FIRST_START}
                      FROM one WHERE l.stream = $1 AND l.shard_id = one.shard_id
-                     RETURNING l.shard_id, l.lease_counter, l.checkpoint"
+                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.start_at"
                 ),
-                &[&self.stream, &self.worker, &self.ttl_secs(), &victim],
+                &[
+                    &self.stream,
+                    &self.worker,
+                    &self.ttl_secs(),
+                    &victim,
+                    &latest,
+                    &at,
+                ],
             )
             .await
             .map_err(SinkError::during("taking a lease from another worker"))?;
@@ -219,5 +307,6 @@ fn held_lease(row: &tokio_postgres::Row) -> HeldLease {
         shard_id: row.get(0),
         counter: row.get(1),
         checkpoint: row.get(2),
+        start_at: row.get(3),
     }
 }

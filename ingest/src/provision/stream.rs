@@ -85,6 +85,7 @@ mod tests {
             on_demand,
             open_shards,
             retention_hours: 24,
+            created_at: std::time::SystemTime::UNIX_EPOCH,
         }
     }
 

@@ -1,6 +1,8 @@
 //! The stream as `ingest provision` sees it: described, or created with a
 //! given capacity (provisioned shards or on-demand), idempotently.
 
+use std::time::SystemTime;
+
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails};
 
 use super::classify::from_sdk;
@@ -35,6 +37,9 @@ pub struct StreamDescription {
     pub open_shards: u32,
     /// How long records are kept.
     pub retention_hours: u32,
+    /// When the stream was created: with the ARN, what tells a stream from
+    /// an older one of the same name.
+    pub created_at: SystemTime,
 }
 
 /// What [`KinesisSource::ensure_stream_with`] found or did.
@@ -79,6 +84,8 @@ impl KinesisSource {
             open_shards: u32::try_from(summary.open_shard_count()).unwrap_or(0),
             retention_hours: u32::try_from(summary.retention_period_hours()).unwrap_or(0),
             status: summary.stream_status().as_str().to_owned(),
+            created_at: SystemTime::try_from(summary.stream_creation_timestamp)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             name: summary.stream_name,
             arn: summary.stream_arn,
         }))
