@@ -126,8 +126,7 @@ async fn serve(
         let target = request.header("x-amz-target").unwrap_or("").to_string();
         let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
         let is_expired = |shard: &str| expired.lock().expect("the lock").contains(shard);
-        if target.ends_with(".GetShardIterator")
-            && body["ShardId"].as_str().is_some_and(is_expired)
+        if target.ends_with(".GetShardIterator") && body["ShardId"].as_str().is_some_and(is_expired)
         {
             let answer = serde_json::json!({
                 "__type": "ResourceNotFoundException",

@@ -92,7 +92,12 @@ async fn a_fleet_by_name_and_a_fleet_by_arn_share_one_lease_set() {
         .ensure_stream(2)
         .await
         .unwrap_or_else(|e| panic!("cannot create {name} in kinesis-mock at {url}: {e}"));
-    let arn = source.describe_stream().await.unwrap().expect("the stream").arn;
+    let arn = source
+        .describe_stream()
+        .await
+        .unwrap()
+        .expect("the stream")
+        .arn;
     assert!(arn.starts_with("arn:"), "{arn}");
 
     let env = [("AWS_ENDPOINT_URL_KINESIS", url.as_str())];
@@ -110,7 +115,11 @@ async fn a_fleet_by_name_and_a_fleet_by_arn_share_one_lease_set() {
         "rows and sums per series (landed {landed})"
     );
     let keys = lease_keys(&client, &name).await;
-    assert_eq!(keys.len(), 1, "one identity for the name and the ARN: {keys:?}");
+    assert_eq!(
+        keys.len(),
+        1,
+        "one identity for the name and the ARN: {keys:?}"
+    );
     assert!(keys[0].starts_with(&format!("{arn}@")), "{keys:?}");
     let rows = leases(&client).await;
     assert_eq!(rows.len(), 2, "one lease set of two shards: {rows:?}");
@@ -162,7 +171,10 @@ async fn a_recreated_stream_starts_fresh_and_its_old_leases_are_kept_aside() {
     assert!(worker.terminate(Duration::from_secs(30)).success());
     let old = leases(&client).await;
     assert_eq!(old.len(), 1, "{old:?}");
-    assert!(old[0].2.is_some(), "a checkpoint in the old stream: {old:?}");
+    assert!(
+        old[0].2.is_some(),
+        "a checkpoint in the old stream: {old:?}"
+    );
 
     // The same name, another stream: sequence numbers start over.
     recreate(&source).await;
@@ -202,7 +214,10 @@ async fn a_recreated_stream_starts_fresh_and_its_old_leases_are_kept_aside() {
     assert!(output.status.success(), "{stdout}{stderr}");
     assert!(
         stdout.contains(&format!("lease key {}", keys[1]))
-            && stdout.contains(&format!("kept aside: the leases of an older stream of the same name, {}", keys[0])),
+            && stdout.contains(&format!(
+                "kept aside: the leases of an older stream of the same name, {}",
+                keys[0]
+            )),
         "{stdout}"
     );
 
@@ -367,7 +382,8 @@ async fn a_parent_past_the_retention_period_is_ended_and_its_children_are_read()
     );
     let rows = leases(&client).await;
     assert!(
-        rows.iter().any(|(_, shard, _, ended)| shard == parent && *ended),
+        rows.iter()
+            .any(|(_, shard, _, ended)| shard == parent && *ended),
         "the parent is ended: {rows:?}"
     );
     let (status, body) = tests::http_get(port, "/metrics").expect("/metrics answers");

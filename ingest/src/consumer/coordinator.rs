@@ -152,9 +152,7 @@ pub async fn run(
         first_start: match &config.start {
             StartPosition::Latest => FirstStart::Latest,
             StartPosition::AtTimestamp(at) => FirstStart::At(*at),
-            StartPosition::TrimHorizon | StartPosition::AfterSequence(_) => {
-                FirstStart::TrimHorizon
-            }
+            StartPosition::TrimHorizon | StartPosition::AfterSequence(_) => FirstStart::TrimHorizon,
         },
     };
 
