@@ -180,7 +180,7 @@ async fn prepare() -> (Client, Vec<SealedSegment>) {
     let mut decoder = Decoder::default();
     let mut segments: Vec<Segment> = shard_ids.iter().map(|id| Segment::new(id, 1)).collect();
     for i in 0..ROWS / records::METRICS.len() {
-        let raw = bytes::Bytes::from(records::canonical(i, base_ms));
+        let raw = Bytes::from(records::canonical(i, base_ms));
         let reading = decoder
             .decode(&raw, base_ms * 1_000)
             .expect("generated records decode");

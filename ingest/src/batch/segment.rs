@@ -224,8 +224,8 @@ pub struct SealedSegment {
     pub events: Bytes,
     /// Tuples for ingest.dead_letters.
     pub dead_letters: Bytes,
-    /// Where each record's tuples end.
-    marks: Vec<RecordMark>,
+    /// The records, in sequence order, and where their tuples end.
+    pub marks: Vec<RecordMark>,
 }
 
 /// The tuples of some consecutive records of a segment, one buffer per table.
@@ -239,12 +239,7 @@ pub struct RecordTuples {
 }
 
 impl SealedSegment {
-    /// The records, in sequence order.
-    pub fn marks(&self) -> &[RecordMark] {
-        &self.marks
-    }
-
-    /// The tuples of records `range` (indexes into [`Self::marks`]), sliced
+    /// The tuples of records `range` (indexes into `marks`), sliced
     /// from the segment's buffers without copying.
     pub fn tuples(&self, range: std::ops::Range<usize>) -> RecordTuples {
         let before = |i: usize| -> ([usize; 3], [usize; 3]) {
@@ -395,7 +390,7 @@ mod tests {
         let sealed = segment.seal();
 
         let marks: Vec<(&str, &[u8])> = sealed
-            .marks()
+            .marks
             .iter()
             .map(|m| (m.sequence_number.as_str(), &m.raw[..]))
             .collect();

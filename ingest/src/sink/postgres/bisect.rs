@@ -74,11 +74,12 @@ pub async fn write_batch_bisecting(
     let records: Vec<(usize, usize)> = segments
         .iter()
         .enumerate()
-        .flat_map(|(s, segment)| (0..segment.marks().len()).map(move |r| (s, r)))
+        .flat_map(|(s, segment)| (0..segment.marks.len()).map(move |r| (s, r)))
         .collect();
     let mut refused = Vec::new();
     let mut letters = BytesMut::new();
-    let mut pending = VecDeque::from([0..records.len()]);
+    let mut pending: VecDeque<Range<usize>> = VecDeque::new();
+    pending.push_back(0..records.len());
     while let Some(range) = pending.pop_front() {
         if range.is_empty() {
             continue;
@@ -100,7 +101,7 @@ pub async fn write_batch_bisecting(
                 if range.len() == 1 {
                     let (s, r) = records[range.start];
                     let segment = &segments[s];
-                    let mark = &segment.marks()[r];
+                    let mark = &segment.marks[r];
                     let reason = error.refusal();
                     encode_dead_letter(
                         &mut letters,
