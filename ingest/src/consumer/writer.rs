@@ -191,7 +191,7 @@ impl Writer {
                 }
             }
             let hour = hours_since_epoch();
-            let limit = self.new_series_limit.as_mut().expect("matched above");
+            let limit = self.new_series_limit.as_mut().expect("checked above");
             let absent: BTreeSet<&SeriesKey> = missing
                 .iter()
                 .filter(|k| self.cache.get(&k.house, &k.device, &k.metric).is_none())
