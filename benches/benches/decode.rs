@@ -128,7 +128,7 @@ fn consumer_path(c: &mut Criterion) {
                         segment
                             .add_reading(reading, &mut cache)
                             .expect("the cache is warm");
-                        segment.advance(&item.sequence_number);
+                        segment.advance(&item.sequence_number, &item.raw);
                     }
                     black_box(segment.seal())
                 },

@@ -180,14 +180,15 @@ async fn prepare() -> (Client, Vec<SealedSegment>) {
     let mut decoder = Decoder::default();
     let mut segments: Vec<Segment> = shard_ids.iter().map(|id| Segment::new(id, 1)).collect();
     for i in 0..ROWS / records::METRICS.len() {
+        let raw = Bytes::from(records::canonical(i, base_ms));
         let reading = decoder
-            .decode(&records::canonical(i, base_ms), base_ms * 1_000)
+            .decode(&raw, base_ms * 1_000)
             .expect("generated records decode");
         let segment = &mut segments[i % SHARDS];
         segment
             .add_reading(&reading, &mut cache)
             .expect("every series was resolved");
-        segment.advance(&format!("{:056}", 49_600_000_000u64 + i as u64));
+        segment.advance(&format!("{:056}", 49_600_000_000u64 + i as u64), &raw);
     }
     let segments: Vec<SealedSegment> = segments.into_iter().map(Segment::seal).collect();
     assert_eq!(segments.iter().map(|s| s.rows.0).sum::<usize>(), ROWS);

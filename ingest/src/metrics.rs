@@ -40,6 +40,18 @@ pub const SHARDS_EXPIRED: &str = "ingest_shards_expired_total";
 pub const RETRIES: &str = "ingest_retries_total";
 /// New series created.
 pub const SERIES_CREATED: &str = "ingest_series_created_total";
+/// Series looked up in a writer's cache as chunks arrive. Labels: result
+/// (hit, miss: read or created in the database). The hit rate is
+/// hit / (hit + miss).
+pub const SERIES_CACHE_LOOKUPS: &str = "ingest_series_cache_lookups_total";
+/// Series forgotten by a writer's cache to stay within --series-cache-size.
+pub const SERIES_CACHE_EVICTIONS: &str = "ingest_series_cache_evictions_total";
+/// Series a writer's cache holds. Labels: writer.
+pub const SERIES_CACHE_SERIES: &str = "ingest_series_cache_series";
+/// Batches the database refused for some of their rows, written again
+/// record by record (the refused records as dead letters, reason
+/// database_refused).
+pub const BATCHES_BISECTED: &str = "ingest_batches_bisected_total";
 /// Failed lookups of the database's Consul name (each is retried).
 pub const DNS_FAILURES: &str = "ingest_dns_failures_total";
 /// Times the pooled connections were dropped because the primary moved or went away.

@@ -40,7 +40,7 @@ async fn add(
             Ok(reading) => segment.add_reading(reading, cache).unwrap(),
             Err(error) => segment.add_dead_letter("s", seq, error, raw.as_bytes()),
         }
-        segment.advance(seq);
+        segment.advance(seq, &bytes::Bytes::copy_from_slice(raw.as_bytes()));
     }
 }
 

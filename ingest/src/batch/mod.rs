@@ -11,8 +11,11 @@ pub mod series;
 
 use std::time::{Duration, Instant};
 
-pub use segment::{SealedSegment, Segment, UnknownSeries, missing_series};
-pub use series::{SeriesCache, SeriesKey};
+pub use segment::{
+    RecordMark, RecordTuples, SealedSegment, Segment, UnknownSeries, encode_dead_letter,
+    missing_series,
+};
+pub use series::{CacheStats, NewSeriesLimit, SeriesCache, SeriesKey};
 
 /// When a batch is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,6 +25,9 @@ pub struct Segment {
     pub millis_behind_latest: Option<i64>,
     /// Records taken in (good and dead).
     pub records: usize,
+    /// Where each record's tuples end, so that a batch the database refuses
+    /// can be split record by record.
+    marks: Vec<RecordMark>,
     /// Tuples for telemetry.samples (time, series_id, value).
     samples: BytesMut,
     sample_rows: usize,
@@ -35,6 +38,18 @@ pub struct Segment {
     /// reason_kind, reason, raw).
     dead_letters: BytesMut,
     dead_letter_rows: usize,
+}
+
+/// One record of a segment: its sequence number, its raw bytes (for a dead
+/// letter, should the database refuse its rows) and where its tuples end.
+#[derive(Debug, Clone)]
+pub struct RecordMark {
+    pub sequence_number: String,
+    pub raw: Bytes,
+    /// Bytes of (samples, events, dead letters) tuples up to and with this record.
+    ends: [usize; 3],
+    /// Rows of (samples, events, dead letters) up to and with this record.
+    rows: [usize; 3],
 }
 
 /// A reading named a series the cache does not know: resolve it first.
@@ -51,6 +66,7 @@ impl Segment {
             ended: false,
             millis_behind_latest: None,
             records: 0,
+            marks: Vec::new(),
             samples: BytesMut::new(),
             sample_rows: 0,
             events: BytesMut::new(),
@@ -107,20 +123,52 @@ impl Segment {
         error: &DecodeError,
         raw: &[u8],
     ) {
-        TupleWriter::start(&mut self.dead_letters, 6)
-            .text(stream)
-            .text(&self.shard_id)
-            .text(sequence_number)
-            .text(error.kind())
-            .text(&error.to_string())
-            .bytea(raw);
+        self.add_refused(
+            stream,
+            sequence_number,
+            error.kind(),
+            &error.to_string(),
+            raw,
+        );
+    }
+
+    /// Encodes a record refused for a reason other than its decoding (e.g. a
+    /// device over its new-series limit): `kind` is the short label.
+    pub fn add_refused(
+        &mut self,
+        stream: &str,
+        sequence_number: &str,
+        kind: &str,
+        reason: &str,
+        raw: &[u8],
+    ) {
+        encode_dead_letter(
+            &mut self.dead_letters,
+            stream,
+            &self.shard_id,
+            sequence_number,
+            kind,
+            reason,
+            raw,
+        );
         self.dead_letter_rows += 1;
     }
 
-    /// Moves the segment's checkpoint to `sequence_number`, the record just added.
-    pub fn advance(&mut self, sequence_number: &str) {
+    /// Moves the segment's checkpoint to `sequence_number`, the record just
+    /// added (whose bytes were `raw`), and marks where its tuples end.
+    pub fn advance(&mut self, sequence_number: &str, raw: &Bytes) {
         self.records += 1;
         self.last_sequence = Some(sequence_number.to_string());
+        self.marks.push(RecordMark {
+            sequence_number: sequence_number.to_string(),
+            raw: raw.clone(),
+            ends: [
+                self.samples.len(),
+                self.events.len(),
+                self.dead_letters.len(),
+            ],
+            rows: [self.sample_rows, self.event_rows, self.dead_letter_rows],
+        });
     }
 
     /// Rows in each table: (samples, events, dead letters).
@@ -145,6 +193,7 @@ impl Segment {
             millis_behind_latest: self.millis_behind_latest,
             records: self.records,
             rows,
+            marks: self.marks,
             samples: self.samples.freeze(),
             events: self.events.freeze(),
             dead_letters: self.dead_letters.freeze(),
@@ -175,6 +224,63 @@ pub struct SealedSegment {
     pub events: Bytes,
     /// Tuples for ingest.dead_letters.
     pub dead_letters: Bytes,
+    /// The records, in sequence order, and where their tuples end.
+    pub marks: Vec<RecordMark>,
+}
+
+/// The tuples of some consecutive records of a segment, one buffer per table.
+#[derive(Debug, Clone, Default)]
+pub struct RecordTuples {
+    pub samples: Bytes,
+    pub events: Bytes,
+    pub dead_letters: Bytes,
+    /// Rows in (samples, events, dead letters).
+    pub rows: (usize, usize, usize),
+}
+
+impl SealedSegment {
+    /// The tuples of records `range` (indexes into `marks`), sliced
+    /// from the segment's buffers without copying.
+    pub fn tuples(&self, range: std::ops::Range<usize>) -> RecordTuples {
+        let before = |i: usize| -> ([usize; 3], [usize; 3]) {
+            match i.checked_sub(1) {
+                Some(previous) => (self.marks[previous].ends, self.marks[previous].rows),
+                None => ([0; 3], [0; 3]),
+            }
+        };
+        let (start, rows_before) = before(range.start);
+        let (end, rows_through) = before(range.end);
+        RecordTuples {
+            samples: self.samples.slice(start[0]..end[0]),
+            events: self.events.slice(start[1]..end[1]),
+            dead_letters: self.dead_letters.slice(start[2]..end[2]),
+            rows: (
+                rows_through[0] - rows_before[0],
+                rows_through[1] - rows_before[1],
+                rows_through[2] - rows_before[2],
+            ),
+        }
+    }
+}
+
+/// Appends one ingest.dead_letters tuple (stream, shard_id, sequence_number,
+/// reason_kind, reason, raw) to `buf`.
+pub fn encode_dead_letter(
+    buf: &mut BytesMut,
+    stream: &str,
+    shard_id: &str,
+    sequence_number: &str,
+    kind: &str,
+    reason: &str,
+    raw: &[u8],
+) {
+    TupleWriter::start(buf, 6)
+        .text(stream)
+        .text(shard_id)
+        .text(sequence_number)
+        .text(kind)
+        .text(reason)
+        .bytea(raw);
 }
 
 /// The series named by `readings` that `cache` does not know, each once, in
@@ -187,7 +293,7 @@ pub fn missing_series<'a>(
     for reading in readings {
         for sample in &reading.samples {
             if cache
-                .get(&reading.house, &reading.device, &sample.metric)
+                .lookup(&reading.house, &reading.device, &sample.metric)
                 .is_none()
             {
                 missing.insert(SeriesKey {
@@ -249,7 +355,7 @@ mod tests {
         );
         assert!(missing_series([&r], &mut cache).is_empty());
         segment.add_reading(&r, &mut cache).unwrap();
-        segment.advance("42");
+        segment.advance("42", &Bytes::from_static(b"raw"));
         assert_eq!(segment.rows(), (2, 1, 0));
         assert_eq!(segment.last_sequence.as_deref(), Some("42"));
         // Two samples of 2 + 3 * 4 + 8 + 4 + 8 bytes.
@@ -257,6 +363,61 @@ mod tests {
         assert_eq!(sealed.samples.len(), 2 * 34);
         assert!(!sealed.events.is_empty() && sealed.dead_letters.is_empty());
         assert_eq!((sealed.rows, sealed.records), ((2, 1, 0), 1));
+    }
+
+    #[test]
+    fn a_range_of_records_gives_exactly_their_tuples() {
+        let mut cache = SeriesCache::default();
+        for (metric, id) in [("a", 1), ("b", 2)] {
+            let key = SeriesKey {
+                house: "h".into(),
+                device: "d1".into(),
+                metric: metric.into(),
+            };
+            cache.insert(&key, id);
+        }
+        let mut segment = Segment::new("shard-0", 1);
+        segment
+            .add_reading(&reading("d1", &["a"]), &mut cache)
+            .unwrap();
+        segment.advance("1", &Bytes::from_static(b"one"));
+        segment.add_dead_letter("s", "2", &DecodeError::NoFields, b"two");
+        segment.advance("2", &Bytes::from_static(b"two"));
+        segment
+            .add_reading(&reading("d1", &["a", "b"]), &mut cache)
+            .unwrap();
+        segment.advance("3", &Bytes::from_static(b"three"));
+        let sealed = segment.seal();
+
+        let marks: Vec<(&str, &[u8])> = sealed
+            .marks
+            .iter()
+            .map(|m| (m.sequence_number.as_str(), &m.raw[..]))
+            .collect();
+        assert_eq!(marks, [("1", &b"one"[..]), ("2", b"two"), ("3", b"three")]);
+        let all = sealed.tuples(0..3);
+        assert_eq!(all.rows, sealed.rows);
+        assert_eq!(
+            (all.samples, all.events, all.dead_letters),
+            (
+                sealed.samples.clone(),
+                sealed.events.clone(),
+                sealed.dead_letters.clone()
+            )
+        );
+        let second = sealed.tuples(1..2);
+        assert_eq!(second.rows, (0, 0, 1));
+        assert_eq!(second.dead_letters, sealed.dead_letters);
+        assert!(second.samples.is_empty() && second.events.is_empty());
+        let third = sealed.tuples(2..3);
+        assert_eq!(third.rows, (2, 1, 0));
+        assert_eq!(third.samples, sealed.samples.slice(34..));
+        let first = sealed.tuples(0..1);
+        assert_eq!(first.rows, (1, 1, 0));
+        let mut joined = first.events.to_vec();
+        joined.extend_from_slice(&third.events);
+        assert_eq!(joined, sealed.events.to_vec(), "ranges meet exactly");
+        assert_eq!(sealed.tuples(1..1).rows, (0, 0, 0));
     }
 
     #[test]

@@ -62,6 +62,18 @@ pub struct ConsumeArgs {
     /// Records asked for per GetRecords call (at most 10000).
     #[arg(long, env = "INGEST_RECORDS_PER_CALL", default_value_t = 10_000)]
     records_per_call: i32,
+    /// Series ids each writer keeps in memory; the least recently used are
+    /// forgotten first (and read again from the database when next seen).
+    #[arg(long, env = "INGEST_SERIES_CACHE_SIZE", default_value_t = ingest::batch::series::DEFAULT_CAPACITY)]
+    series_cache_size: usize,
+    /// New series one device may create per hour (new field names); its
+    /// records naming more become dead letters (series_limit). 0: no limit.
+    #[arg(
+        long,
+        env = "INGEST_MAX_NEW_SERIES_PER_DEVICE",
+        default_value_t = 1_000
+    )]
+    max_new_series_per_device: usize,
     /// Largest record accepted; bigger ones become dead letters.
     #[arg(long, env = "INGEST_MAX_RECORD_BYTES", default_value_t = 256 * 1024)]
     max_record_bytes: usize,
@@ -166,6 +178,9 @@ impl ConsumeArgs {
                 max_records_per_call: self.records_per_call,
                 ..ReaderOptions::default()
             },
+            series_cache_size: positive("--series-cache-size", self.series_cache_size)?,
+            max_new_series_per_device: Some(self.max_new_series_per_device)
+                .filter(|&limit| limit > 0),
             decode: DecodeLimits {
                 max_record_bytes: positive("--max-record-bytes", self.max_record_bytes)?,
                 ..DecodeLimits::default()

@@ -25,6 +25,11 @@ pub struct ConsumerConfig {
     /// Chunks (GetRecords results) queued per writer before shard tasks stop polling.
     pub queue_chunks: usize,
     pub reader: ReaderOptions,
+    /// Series ids each writer remembers (least recently used forgotten first).
+    pub series_cache_size: usize,
+    /// New series one device may create per hour; records beyond it become
+    /// dead letters. None: no limit.
+    pub max_new_series_per_device: Option<usize>,
     pub decode: DecodeLimits,
     /// The oldest reading accepted, as an age; None: the retention in force
     /// less `schema::LATE_ROW_MARGIN`, or a year without retention.

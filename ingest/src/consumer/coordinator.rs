@@ -14,7 +14,7 @@ use super::chunk::Chunk;
 use super::shard::{ShardStopped, ShardTask};
 use super::writer::{Writer, WriterError, WriterEvent};
 use crate::archive::Archive;
-use crate::batch::{Batch, SeriesCache};
+use crate::batch::{Batch, NewSeriesLimit, SeriesCache};
 use crate::db::{self, Database};
 use crate::decode::{DEFAULT_MAX_AGE, Decoder, TimeWindow};
 use crate::lease::identity::{self, StreamIdentity};
@@ -172,7 +172,8 @@ pub async fn run(
             events: events_tx.clone(),
 
             batch: Batch::new(),
-            cache: SeriesCache::default(),
+            cache: SeriesCache::with_capacity(config.series_cache_size),
+            new_series_limit: config.max_new_series_per_device.map(NewSeriesLimit::new),
             lost: Default::default(),
         };
         writers.spawn(writer.run());

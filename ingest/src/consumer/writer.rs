@@ -1,17 +1,22 @@
 //! A writer: takes chunks of the shards assigned to it, batches them and
 //! commits each batch in one transaction, retrying what may succeed later.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::chunk::Chunk;
 use crate::backoff::Backoff;
-use crate::batch::{Batch, FlushPolicy, SealedSegment, SeriesCache, missing_series};
+use crate::batch::{
+    Batch, FlushPolicy, NewSeriesLimit, SealedSegment, SeriesCache, SeriesKey, missing_series,
+};
 use crate::db::{self, Database};
 use crate::metrics as m;
-use crate::sink::postgres::{Outcome, SinkError, resolve_series, write_batch};
+use crate::sink::postgres::{
+    DATABASE_REFUSED, Outcome, Refused, SinkError, lookup_series, resolve_series, write_batch,
+    write_batch_bisecting,
+};
 
 /// What a writer tells the coordinator.
 #[derive(Debug)]
@@ -47,6 +52,8 @@ pub struct Writer {
 
     pub batch: Batch,
     pub cache: SeriesCache,
+    /// New series a device may create per hour; None: no limit.
+    pub new_series_limit: Option<NewSeriesLimit>,
     /// Leases found lost: chunks read under them are dropped.
     pub lost: HashSet<(String, i64)>,
 }
@@ -54,6 +61,9 @@ pub struct Writer {
 /// Longest a batch transaction may take before its connection is given up
 /// for lost (a primary that vanished without closing its sockets).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// The same for a batch written record by record, which takes a few round
+/// trips per refused record and level of halving.
+const BISECT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Writer {
     /// Runs until every sender of its channel is gone, then commits what is left.
@@ -107,67 +117,179 @@ impl Writer {
             }
             self.batch.drop_lease(&chunk.shard_id, older);
         }
-        let readings = chunk
-            .items
-            .iter()
-            .filter_map(|item| item.decoded.as_ref().ok());
-        let missing = missing_series(readings, &mut self.cache);
-        if !missing.is_empty() {
-            let mut backoff = Backoff::default();
-            loop {
-                let connection = self.database.get_retrying().await?;
-                match resolve_series(&connection, &missing, &mut self.cache).await {
-                    Ok(()) => break,
-                    Err(error) => self.retry_or_fail(error, &mut backoff).await?,
-                }
-            }
-            metrics::counter!(m::SERIES_CREATED).increment(missing.len() as u64);
-        }
+        let refused = self.resolve_series_of(&chunk).await?;
 
         let segment = self
             .batch
             .segment(&chunk.shard_id, chunk.lease_counter, Instant::now());
-        for item in &chunk.items {
-            match &item.decoded {
-                Ok(reading) => segment
+        for (item, refused) in chunk.items.iter().zip(&refused) {
+            match (&item.decoded, refused) {
+                (Ok(_), Some(reason)) => {
+                    metrics::counter!(m::DEAD_LETTERS, "reason" => SERIES_LIMIT).increment(1);
+                    tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, %reason, "dead letter");
+                    segment.add_refused(
+                        &self.stream,
+                        &item.sequence_number,
+                        SERIES_LIMIT,
+                        reason,
+                        &item.raw,
+                    );
+                }
+                (Ok(reading), None) => segment
                     .add_reading(reading, &mut self.cache)
                     .expect("every series of the chunk was just resolved"),
-                Err(error) => {
+                (Err(error), _) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => error.kind()).increment(1);
                     tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, %error, "dead letter");
                     segment.add_dead_letter(&self.stream, &item.sequence_number, error, &item.raw);
                 }
             }
-            segment.advance(&item.sequence_number);
+            segment.advance(&item.sequence_number, &item.raw);
         }
         segment.ended |= chunk.end_of_shard;
         if chunk.millis_behind_latest.is_some() {
             segment.millis_behind_latest = chunk.millis_behind_latest;
         }
+        // Only now: the chunk's series had to stay in the cache until encoded.
+        self.cache.trim();
+        let stats = self.cache.take_stats();
+        metrics::counter!(m::SERIES_CACHE_LOOKUPS, "result" => "hit").increment(stats.hits);
+        metrics::counter!(m::SERIES_CACHE_LOOKUPS, "result" => "miss").increment(stats.misses);
+        metrics::counter!(m::SERIES_CACHE_EVICTIONS).increment(stats.evictions);
+        metrics::gauge!(m::SERIES_CACHE_SERIES, "writer" => self.index.to_string())
+            .set(self.cache.len() as f64);
         Ok(())
     }
 
+    /// Puts the id of every series the chunk's readings name into the
+    /// cache, reading known ones and creating new ones, except for records
+    /// whose device is over its new-series limit: for each item, the reason
+    /// it is refused, if it is.
+    async fn resolve_series_of(
+        &mut self,
+        chunk: &Chunk,
+    ) -> Result<Vec<Option<String>>, WriterError> {
+        let mut refused = vec![None; chunk.items.len()];
+        let readings = chunk
+            .items
+            .iter()
+            .filter_map(|item| item.decoded.as_ref().ok());
+        let missing = missing_series(readings, &mut self.cache);
+        if missing.is_empty() {
+            return Ok(refused);
+        }
+        let create: Vec<SeriesKey> = if self.new_series_limit.is_none() {
+            missing
+        } else {
+            // Series the table has are not new: read them first.
+            let mut backoff = Backoff::default();
+            loop {
+                let connection = self.database.get_retrying().await?;
+                match lookup_series(&connection, &missing, &mut self.cache).await {
+                    Ok(()) => break,
+                    Err(error) => self.retry_or_fail(error, &mut backoff).await?,
+                }
+            }
+            let hour = hours_since_epoch();
+            let limit = self.new_series_limit.as_mut().expect("checked above");
+            let absent: BTreeSet<&SeriesKey> = missing
+                .iter()
+                .filter(|k| self.cache.get(&k.house, &k.device, &k.metric).is_none())
+                .collect();
+            let devices: HashSet<(&str, &str)> = absent
+                .iter()
+                .map(|k| (k.house.as_str(), k.device.as_str()))
+                .collect();
+            let mut create: BTreeSet<SeriesKey> = BTreeSet::new();
+            for (item, refused) in chunk.items.iter().zip(&mut refused) {
+                let Ok(reading) = &item.decoded else { continue };
+                if !devices.contains(&(reading.house.as_str(), reading.device.as_str())) {
+                    continue;
+                }
+                let mut new: Vec<SeriesKey> = reading
+                    .samples
+                    .iter()
+                    .map(|sample| SeriesKey {
+                        house: reading.house.clone(),
+                        device: reading.device.clone(),
+                        metric: sample.metric.clone(),
+                    })
+                    .filter(|key| absent.contains(key) && !create.contains(key))
+                    .collect();
+                new.sort();
+                new.dedup();
+                if new.is_empty() {
+                    continue;
+                }
+                if limit.try_take(&reading.house, &reading.device, new.len(), hour) {
+                    create.extend(new);
+                } else {
+                    *refused = Some(format!(
+                        "device {:?} (house {:?}) may create {} new series an hour \
+                             (--max-new-series-per-device) and this record names {} more, e.g. {:?}",
+                        reading.device,
+                        reading.house,
+                        limit.per_hour(),
+                        new.len(),
+                        new[0].metric.chars().take(64).collect::<String>(),
+                    ));
+                }
+            }
+            create.into_iter().collect()
+        };
+        if !create.is_empty() {
+            let mut backoff = Backoff::default();
+            loop {
+                let connection = self.database.get_retrying().await?;
+                match resolve_series(&connection, &create, &mut self.cache).await {
+                    Ok(()) => break,
+                    Err(error) => self.retry_or_fail(error, &mut backoff).await?,
+                }
+            }
+            metrics::counter!(m::SERIES_CREATED).increment(create.len() as u64);
+        }
+        Ok(refused)
+    }
+
     /// Commits the batch; on lost leases drops those shards and commits the
-    /// rest; on errors that may pass, retries the same bytes until they do.
+    /// rest; on errors that may pass, retries the same bytes until they do;
+    /// when the database refuses some rows, writes the batch again record by
+    /// record, the refused records as dead letters.
     async fn flush(&mut self) -> Result<(), WriterError> {
         let mut segments: Vec<SealedSegment> =
             self.batch.take().into_iter().map(|s| s.seal()).collect();
         let mut backoff = Backoff::default();
+        // Once refused, the batch is bisected on every retry: the same rows
+        // would be refused again.
+        let mut bisecting = false;
         while !segments.is_empty() {
             let started = Instant::now();
             let mut connection = self.database.get_retrying().await?;
-            let written = tokio::time::timeout(
-                BATCH_TIMEOUT,
-                write_batch(&mut connection, &self.stream, &self.worker, &segments),
-            )
-            .await
-            .unwrap_or(Err(SinkError::TimedOut {
-                during: "writing the batch",
-            }));
+            let write = async {
+                if bisecting {
+                    write_batch_bisecting(&mut connection, &self.stream, &self.worker, &segments)
+                        .await
+                } else {
+                    write_batch(&mut connection, &self.stream, &self.worker, &segments)
+                        .await
+                        .map(|outcome| (outcome, Vec::new()))
+                }
+            };
+            let timeout = if bisecting {
+                BISECT_TIMEOUT
+            } else {
+                BATCH_TIMEOUT
+            };
+            let written =
+                tokio::time::timeout(timeout, write)
+                    .await
+                    .unwrap_or(Err(SinkError::TimedOut {
+                        during: "writing the batch",
+                    }));
             drop(connection);
             match written {
-                Ok(Outcome::Committed) => {
-                    record_commit(&segments, started.elapsed());
+                Ok((Outcome::Committed, refused)) => {
+                    record_commit(&segments, &refused, started.elapsed());
                     for segment in segments.iter().filter(|s| s.ended) {
                         let _ = self.events.send(WriterEvent::ShardEnded {
                             shard_id: segment.shard_id.clone(),
@@ -175,7 +297,7 @@ impl Writer {
                     }
                     return Ok(());
                 }
-                Ok(Outcome::LeasesLost(lost)) => {
+                Ok((Outcome::LeasesLost(lost), _)) => {
                     for shard_id in lost {
                         let counters: Vec<i64> = segments
                             .iter()
@@ -193,6 +315,11 @@ impl Writer {
                             });
                         }
                     }
+                }
+                Err(error) if error.is_data_error() && !bisecting => {
+                    tracing::warn!(writer = self.index, %error, "the database refused rows of the batch; writing it record by record");
+                    metrics::counter!(m::BATCHES_BISECTED).increment(1);
+                    bisecting = true;
                 }
                 Err(error) => self.retry_or_fail(error, &mut backoff).await?,
             }
@@ -225,13 +352,34 @@ impl Writer {
     }
 }
 
-fn record_commit(segments: &[SealedSegment], took: Duration) {
+/// `reason_kind` of a record whose device is over its new-series limit.
+pub const SERIES_LIMIT: &str = "series_limit";
+
+/// The clock hour the new-series limit counts in.
+fn hours_since_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() / 3600)
+}
+
+fn record_commit(segments: &[SealedSegment], refused: &[Refused], took: Duration) {
     let (mut samples, mut events, mut dead, mut bytes) = (0, 0, 0, 0);
     for segment in segments {
         samples += segment.rows.0;
         events += segment.rows.1;
         dead += segment.rows.2;
         bytes += segment.samples.len() + segment.events.len() + segment.dead_letters.len();
+    }
+    // A refused record's rows were not written; its dead letter was.
+    for record in refused {
+        samples -= record.rows.0;
+        events -= record.rows.1;
+        dead = dead - record.rows.2 + 1;
+        tracing::warn!(shard = %record.shard_id, sequence = %record.sequence_number, reason = %record.reason, "dead letter: refused by the database");
+    }
+    if !refused.is_empty() {
+        metrics::counter!(m::DEAD_LETTERS, "reason" => DATABASE_REFUSED)
+            .increment(refused.len() as u64);
     }
     metrics::counter!(m::ROWS_WRITTEN, "table" => "samples").increment(samples as u64);
     metrics::counter!(m::ROWS_WRITTEN, "table" => "events").increment(events as u64);

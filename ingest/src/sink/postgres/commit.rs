@@ -13,6 +13,13 @@ use tokio_postgres::Client;
 use super::SinkError;
 use crate::batch::{SealedSegment, copy};
 
+pub(super) const COPY_SAMPLES: &str =
+    "COPY telemetry.samples (time, series_id, value) FROM STDIN (FORMAT binary)";
+pub(super) const COPY_EVENTS: &str =
+    "COPY telemetry.events (time, house, device, kind, body) FROM STDIN (FORMAT binary)";
+pub(super) const COPY_DEAD_LETTERS: &str = "COPY ingest.dead_letters \
+     (stream, shard_id, sequence_number, reason_kind, reason, raw) FROM STDIN (FORMAT binary)";
+
 /// How a batch ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -35,6 +42,56 @@ pub async fn write_batch(
         .await
         .map_err(SinkError::during("beginning the batch"))?;
 
+    let lost = move_checkpoints(&transaction, stream, owner, segments).await?;
+    if !lost.is_empty() {
+        transaction
+            .rollback()
+            .await
+            .map_err(SinkError::during("rolling back a batch with lost leases"))?;
+        return Ok(Outcome::LeasesLost(lost));
+    }
+
+    let samples = segments
+        .iter()
+        .filter(|s| s.rows.0 > 0)
+        .map(|s| s.samples.clone())
+        .collect();
+    let events = segments
+        .iter()
+        .filter(|s| s.rows.1 > 0)
+        .map(|s| s.events.clone())
+        .collect();
+    let dead_letters = segments
+        .iter()
+        .filter(|s| s.rows.2 > 0)
+        .map(|s| s.dead_letters.clone())
+        .collect();
+    copy_in(&transaction, COPY_SAMPLES, samples, "copying samples").await?;
+    copy_in(&transaction, COPY_EVENTS, events, "copying events").await?;
+    copy_in(
+        &transaction,
+        COPY_DEAD_LETTERS,
+        dead_letters,
+        "copying dead letters",
+    )
+    .await?;
+
+    transaction
+        .commit()
+        .await
+        .map_err(SinkError::during("committing the batch"))?;
+    Ok(Outcome::Committed)
+}
+
+/// The fenced checkpoint update of every segment, the batch transaction's
+/// first statement; returns the shards whose lease is no longer this
+/// worker's (or whose checkpoint would move backwards), nothing when all moved.
+pub(super) async fn move_checkpoints(
+    transaction: &tokio_postgres::Transaction<'_>,
+    stream: &str,
+    owner: &str,
+    segments: &[SealedSegment],
+) -> Result<Vec<String>, SinkError> {
     let shard_ids: Vec<&str> = segments.iter().map(|s| s.shard_id.as_str()).collect();
     let counters: Vec<i64> = segments.iter().map(|s| s.lease_counter).collect();
     let sequences: Vec<Option<&str>> = segments
@@ -65,68 +122,17 @@ pub async fn write_batch(
         )
         .await
         .map_err(SinkError::during("moving checkpoints"))?;
-    if moved.len() < segments.len() {
-        let moved: Vec<String> = moved.iter().map(|row| row.get(0)).collect();
-        let lost = shard_ids
-            .iter()
-            .filter(|id| !moved.iter().any(|m| m == *id))
-            .map(|id| id.to_string())
-            .collect();
-        transaction
-            .rollback()
-            .await
-            .map_err(SinkError::during("rolling back a batch with lost leases"))?;
-        return Ok(Outcome::LeasesLost(lost));
-    }
-
-    let samples = segments
+    let moved: Vec<String> = moved.iter().map(|row| row.get(0)).collect();
+    Ok(shard_ids
         .iter()
-        .filter(|s| s.rows.0 > 0)
-        .map(|s| s.samples.clone())
-        .collect();
-    let events = segments
-        .iter()
-        .filter(|s| s.rows.1 > 0)
-        .map(|s| s.events.clone())
-        .collect();
-    let dead_letters = segments
-        .iter()
-        .filter(|s| s.rows.2 > 0)
-        .map(|s| s.dead_letters.clone())
-        .collect();
-    copy_in(
-        &transaction,
-        "COPY telemetry.samples (time, series_id, value) FROM STDIN (FORMAT binary)",
-        samples,
-        "copying samples",
-    )
-    .await?;
-    copy_in(
-        &transaction,
-        "COPY telemetry.events (time, house, device, kind, body) FROM STDIN (FORMAT binary)",
-        events,
-        "copying events",
-    )
-    .await?;
-    copy_in(
-        &transaction,
-        "COPY ingest.dead_letters (stream, shard_id, sequence_number, reason_kind, reason, raw) \
-         FROM STDIN (FORMAT binary)",
-        dead_letters,
-        "copying dead letters",
-    )
-    .await?;
-
-    transaction
-        .commit()
-        .await
-        .map_err(SinkError::during("committing the batch"))?;
-    Ok(Outcome::Committed)
+        .filter(|id| !moved.iter().any(|m| m == *id))
+        .map(|id| id.to_string())
+        .collect())
 }
 
 /// One COPY of the given tuple buffers, framed by the header and trailer;
 /// nothing is sent when there are no tuples.
-async fn copy_in(
+pub(super) async fn copy_in(
     transaction: &tokio_postgres::Transaction<'_>,
     statement: &str,
     // A Vec, not an iterator: an iterator of borrowing closures held across

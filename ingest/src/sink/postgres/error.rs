@@ -70,6 +70,37 @@ impl SinkError {
             })
     }
 
+    /// Whether the database refused the rows themselves: a data exception
+    /// (class 22: a value out of range, an overflow in an aggregate a
+    /// trigger keeps), an integrity constraint (class 23), a limit a row
+    /// exceeds (class 54), or an exception a trigger raised (class P0). No
+    /// retry can fix these, but the batch's other records may be fine.
+    pub fn is_data_error(&self) -> bool {
+        let SinkError::Database { error, .. } = self else {
+            return false;
+        };
+        error.code().is_some_and(|code| {
+            let class = &code.code()[..2];
+            matches!(class, "22" | "23" | "54" | "P0")
+        })
+    }
+
+    /// The database's own words for a refused record, as a dead letter's
+    /// reason: message, detail, SQLSTATE and what was being written.
+    pub fn refusal(&self) -> String {
+        match self {
+            SinkError::Database { during, error } => match error.code() {
+                Some(code) => format!(
+                    "the database refused the record: {} (SQLSTATE {}, {during})",
+                    crate::db::describe(error),
+                    code.code()
+                ),
+                None => format!("the database refused the record: {self}"),
+            },
+            other => format!("the database refused the record: {other}"),
+        }
+    }
+
     /// A stable label for the retries metric.
     pub fn cause(&self) -> &'static str {
         if self.is_not_primary() {

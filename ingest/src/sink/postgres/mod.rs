@@ -4,12 +4,16 @@
 //!
 //! - [`series`]: creating and reading series ids in bulk.
 //! - [`commit`]: the batch transaction.
+//! - [`bisect`]: the batch again, record by record, when the database refused
+//!   some of its rows: those records become dead letters.
 //! - [`error`]: what failed, and whether retrying may help.
 
+pub mod bisect;
 pub mod commit;
 pub mod error;
 pub mod series;
 
+pub use bisect::{DATABASE_REFUSED, Refused, write_batch_bisecting};
 pub use commit::{Outcome, write_batch};
 pub use error::SinkError;
-pub use series::resolve_series;
+pub use series::{lookup_series, resolve_series};

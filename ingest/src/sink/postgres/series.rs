@@ -69,3 +69,34 @@ pub async fn resolve_series(
         count: wanted.len(),
     })
 }
+
+/// Records in `cache` the ids of the series in `keys` that the table has,
+/// creating none: what is left unknown is new, for the new-series limit.
+pub async fn lookup_series(
+    client: &Client,
+    keys: &[SeriesKey],
+    cache: &mut SeriesCache,
+) -> Result<(), SinkError> {
+    let houses: Vec<&str> = keys.iter().map(|k| k.house.as_str()).collect();
+    let devices: Vec<&str> = keys.iter().map(|k| k.device.as_str()).collect();
+    let metrics: Vec<&str> = keys.iter().map(|k| k.metric.as_str()).collect();
+    let rows = client
+        .query(
+            "SELECT s.series_id, s.house, s.device, s.metric
+             FROM telemetry.series s
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(house, device, metric)
+               USING (house, device, metric)",
+            &[&houses, &devices, &metrics],
+        )
+        .await
+        .map_err(SinkError::during("reading series"))?;
+    for row in &rows {
+        let key = SeriesKey {
+            house: row.get(1),
+            device: row.get(2),
+            metric: row.get(3),
+        };
+        cache.insert(&key, row.get(0));
+    }
+    Ok(())
+}
