@@ -83,7 +83,7 @@ pub struct GatewayArgs {
     /// How far a signed request's time may be from the gateway's clock.
     #[arg(long, env = "INGEST_SIGNATURE_WINDOW", default_value = "60s")]
     signature_window: String,
-    /// Signatures remembered to refuse replays (about 32 bytes each); when all
+    /// Signatures remembered to refuse replays (52 MB at 1,000,000); when all
     /// are within the window, signed requests get 5.03 until some expire.
     #[arg(long, env = "INGEST_REPLAY_CAPACITY", default_value_t = 1_000_000)]
     replay_capacity: usize,

@@ -50,7 +50,8 @@ pub const NONCE_PARAMETER: &str = "nonce";
 pub const SIGNATURE_PARAMETER: &str = "sig";
 /// How far a request's time may be from the gateway's clock, by default.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
-/// Signatures remembered to refuse replays, by default (about 32 bytes each).
+/// Signatures remembered to refuse replays, by default: a hash table of
+/// 2^21 buckets of 25 bytes (52 MB) when full.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 1_000_000;
 /// How often the key files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
