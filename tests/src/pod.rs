@@ -299,7 +299,8 @@ impl Help {
                 }
             }
             if let Some((_, rest)) = line.split_once("[env: ") {
-                let name = rest.split('=').next().unwrap_or_default();
+                // `[env: NAME=value]`, or `[env: NAME]` when values are hidden.
+                let name = rest.split(['=', ']']).next().unwrap_or_default();
                 help.env.insert(name.to_string(), flag.clone());
             }
         }
