@@ -49,7 +49,8 @@ pub fn read_keys(path: &Path) -> Result<CoapKeys, String> {
         };
         let (id, secret) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
         id.split_once('/').ok_or_else(bad)?;
-        let secret = secret.trim();
+        // While a key is rotated a line holds two secrets: either signs.
+        let secret = secret.split_whitespace().next().ok_or_else(bad)?;
         let secret = match secret.strip_prefix("hex:") {
             Some(hex) => (0..hex.len())
                 .step_by(2)
@@ -76,5 +77,23 @@ mod tests {
         let [time, nonce, sig] = query(b"s3cret", "/t/h1/d1", 1_764_513_000, "42", br#"{"v":1.5}"#);
         let uri = format!("URI:       coap://gateway/t/h1/d1?{time}&{nonce}&{sig}\n");
         assert!(readme.contains(&uri), "README.md lacks {uri:?}");
+    }
+
+    #[test]
+    fn reads_the_gateways_keys_file() {
+        let path = std::env::temp_dir().join(format!("loadgen-keys-{}", std::process::id()));
+        std::fs::write(&path, "# keys\nh1/d1 old new\nh1/d2 hex:00ff\n").unwrap();
+        let keys = read_keys(&path);
+        std::fs::write(&path, "d1 s3cret\n").unwrap();
+        let bad = read_keys(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let keys = keys.unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys["/t/h1/d1"], b"old");
+        assert_eq!(keys["/t/h1/d2"], [0x00, 0xff]);
+        assert!(
+            bad.ends_with("line 1: expected `<house>/<device> <secret>`"),
+            "{bad}"
+        );
     }
 }
