@@ -1100,7 +1100,7 @@ async fn mqtt_messages_survive_a_gateway_crash_while_kinesis_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_stream_gets_500_and_health_says_why() {
+async fn a_deleted_stream_gets_500_and_the_log_not_health_says_why() {
     let (stream, source) = create_stream("gw-deleted", 1).await;
     let gateway = GatewayProcess::start(&stream, &[], &[]).await;
     let peer = CoapPeer::new(gateway.coap).await;
