@@ -22,6 +22,7 @@ use tokio::time::sleep_until;
 use crate::message::{DeviceOutcome, DeviceTraffic, Fate, Protocol};
 use crate::metrics;
 use crate::run::Context;
+use crate::sign;
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const ACK_RANDOM_FACTOR: f64 = 1.5;
@@ -52,9 +53,25 @@ fn next_message_id(previous: u16, now: SystemTime) -> u16 {
     }
 }
 
-/// A POST of `payload` to `path`.
-fn post(path: &str, payload: &[u8], kind: MessageType, message_id: u16, token: u32) -> Vec<u8> {
+/// A POST of `payload` to `path`, signed with `key` if there is one (the
+/// token, unique within the device's run, is the nonce).
+fn post(
+    path: &str,
+    payload: &[u8],
+    kind: MessageType,
+    message_id: u16,
+    token: u32,
+    key: Option<&[u8]>,
+) -> Vec<u8> {
     let mut packet = request(path, kind, RequestType::Post, message_id, token);
+    if let Some(key) = key {
+        let time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for parameter in sign::query(key, path, time, &format!("{token:08x}"), payload) {
+            packet.add_option(CoapOption::UriQuery, parameter.into_bytes());
+        }
+    }
     packet.payload = payload.to_vec();
     packet
         .to_bytes()
@@ -191,6 +208,7 @@ pub async fn run(
     traffic: DeviceTraffic,
     gateway: SocketAddr,
     source: Option<IpAddr>,
+    key: Option<Vec<u8>>,
     context: &Context,
 ) -> DeviceOutcome {
     let Protocol::Coap { confirmable } = traffic.protocol else {
@@ -252,7 +270,7 @@ pub async fn run(
                 message_id = next_message_id(message_id, SystemTime::now());
                 token = token.wrapping_add(1);
                 let kind = if confirmable { MessageType::Confirmable } else { MessageType::NonConfirmable };
-                let bytes = post(&traffic.target, &message.payload, kind, message_id, token);
+                let bytes = post(&traffic.target, &message.payload, kind, message_id, token, key.as_deref());
                 let now = Instant::now();
                 if let Err(error) = socket.send(&bytes).await {
                     last_error = Some(error.to_string());

@@ -17,5 +17,6 @@ pub mod mqtt;
 pub mod net;
 pub mod report;
 pub mod run;
+pub mod sign;
 pub mod stats;
 pub mod verify;

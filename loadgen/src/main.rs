@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -134,6 +135,10 @@ struct TargetArgs {
     /// The CoAP gateway (`ingest gateway`).
     #[arg(long, env = "LOADGEN_COAP_ADDR", default_value = "127.0.0.1:5683")]
     coap_addr: String,
+    /// The gateway's keys file (`<house>/<device> <secret>` lines): CoAP
+    /// devices that have a key sign their requests.
+    #[arg(long, env = "LOADGEN_COAP_KEYS")]
+    coap_keys: Option<PathBuf>,
     /// Source addresses to spread sockets over. [default: the system's; on
     /// loopback 127.0.0.1, .2, ... when one address has too few ports]
     #[arg(long, value_delimiter = ',')]
@@ -241,6 +246,10 @@ impl TargetArgs {
                 None
             },
             source_addresses: self.source_addrs.clone(),
+            coap_keys: match (&self.coap_keys, coap) {
+                (Some(path), true) => Arc::new(loadgen::sign::read_keys(path)?),
+                _ => Arc::default(),
+            },
         })
     }
 }

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::message::{DeviceOutcome, DeviceTraffic, Protocol};
 use crate::net::{self, MqttTarget};
+use crate::sign::CoapKeys;
 use crate::stats::{Clock, Stats};
 use crate::{coap, mqtt};
 
@@ -45,6 +46,8 @@ pub struct Targets {
     pub coap: Option<SocketAddr>,
     /// Source addresses to spread sockets over (see `net`).
     pub source_addresses: Vec<IpAddr>,
+    /// Keys of the CoAP devices that sign, by path.
+    pub coap_keys: Arc<CoapKeys>,
 }
 
 /// How a run goes.
@@ -157,6 +160,7 @@ pub async fn run(devices: Vec<DeviceTraffic>, targets: &Targets, options: RunOpt
         let source = net::source_for(&targets.source_addresses, index);
         let mqtt = targets.mqtt.as_ref().map(|t| t.address);
         let coap = targets.coap;
+        let key = targets.coap_keys.get(&traffic.target).cloned();
         tasks.spawn(async move {
             tokio::time::sleep_until(context.clock.due(traffic.start).into()).await;
             match traffic.protocol {
@@ -164,7 +168,7 @@ pub async fn run(devices: Vec<DeviceTraffic>, targets: &Targets, options: RunOpt
                     mqtt::run(traffic, mqtt.expect("checked"), source, &context).await
                 }
                 Protocol::Coap { .. } => {
-                    coap::run(traffic, coap.expect("checked"), source, &context).await
+                    coap::run(traffic, coap.expect("checked"), source, key, &context).await
                 }
             }
         });

@@ -249,8 +249,15 @@ fn write_secret_volume(volume: &Value, secrets: &Secrets, local: &Path) -> Resul
     std::fs::create_dir_all(&stamp).map_err(|e| format!("{}: {e}", stamp.display()))?;
     std::os::unix::fs::symlink("..2026_01_01_00_00_00.000000001", local.join("..data"))
         .map_err(|e| e.to_string())?;
+    // The files' mode, as the kubelet sets it (0644 unless the volume says).
+    let mode = volume["secret"]["defaultMode"].as_u64().unwrap_or(0o644) as u32;
     for (path, content) in files {
         std::fs::write(stamp.join(&path), content).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(
+            stamp.join(&path),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .map_err(|e| e.to_string())?;
         std::os::unix::fs::symlink(format!("..data/{path}"), local.join(&path))
             .map_err(|e| e.to_string())?;
     }
@@ -292,7 +299,8 @@ impl Help {
                 }
             }
             if let Some((_, rest)) = line.split_once("[env: ") {
-                let name = rest.split('=').next().unwrap_or_default();
+                // `[env: NAME=value]`, or `[env: NAME]` when values are hidden.
+                let name = rest.split(['=', ']']).next().unwrap_or_default();
                 help.env.insert(name.to_string(), flag.clone());
             }
         }

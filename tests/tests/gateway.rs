@@ -344,6 +344,9 @@ async fn bad_requests_get_their_codes_and_nothing_is_put() {
     ];
     for (i, (mut packet, expected, reason)) in cases.into_iter().enumerate() {
         packet.header.message_id = 100 + i as u16;
+        // An answer is never larger than its request: padded (with a query
+        // parameter nothing reads), the whole diagnostic fits.
+        packet.add_option(CoapOption::UriQuery, vec![b'p'; 200]);
         let answer = peer
             .exchange(&packet, ANSWER_WITHIN)
             .await
@@ -446,68 +449,264 @@ async fn bad_requests_get_their_codes_and_nothing_is_put() {
     source.delete_stream().await.unwrap();
 }
 
+/// Writes a keys file only its owner may read, as the gateway requires;
+/// by rename, so that the gateway never reads it half written.
+fn write_keys(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+fn unix_seconds() -> i64 {
+    now_millis() / 1000
+}
+
+/// `/t/{house}/{device}?time=..&nonce=..&sig=..` signed with `key`.
+fn signed_path(
+    key: &[u8],
+    house: &str,
+    device: &str,
+    time: i64,
+    nonce: &str,
+    payload: &str,
+) -> String {
+    let sig =
+        ingest::gateway::auth::sign(key, "POST", house, device, time, nonce, payload.as_bytes());
+    format!("/t/{house}/{device}?time={time}&nonce={nonce}&sig={sig}")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signatures_are_checked_with_each_devices_key() {
+async fn signatures_bind_house_device_time_and_are_taken_once() {
     let (stream, source) = create_stream("gw-auth", 1).await;
-    let keys = std::env::temp_dir().join(format!("gw-keys-{}", std::process::id()));
-    std::fs::write(&keys, "# device key\ndev-s s3cret\ndev-t hex:00ff\n").unwrap();
+    let dir = std::env::temp_dir().join(format!("gw-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    write_keys(
+        &keys,
+        "# house/device key\nh1/dev-s s3cret\nh1/dev-t hex:00ff\n",
+    );
     let gateway = GatewayProcess::start(
         &stream,
         &["--auth-keys", keys.to_str().unwrap(), "--require-auth"],
         &[],
     )
     .await;
-    std::fs::remove_file(&keys).unwrap();
     let url = |path: &str| format!("coap://{}{path}", gateway.coap);
     let payload = r#"{"ts":1763900000123,"v":1}"#;
-    let signature = ingest::gateway::auth::sign(b"s3cret", payload.as_bytes());
+    let now = unix_seconds();
+    let good = signed_path(b"s3cret", "h1", "dev-s", now, "n1", payload);
 
-    let out = coap_client(&[
-        "-m",
-        "post",
-        "-e",
-        payload,
-        &url(&format!("/t/h1/dev-s?sig={signature}")),
-    ])
-    .await;
+    // libcoap's client, signed as the README says: taken once.
+    let out = coap_client(&["-m", "post", "-e", payload, &url(&good)]).await;
     assert!(error_lines(&out).is_empty(), "{out}");
-    // (path, payload, what is wrong)
-    let forged = [
+
+    // (path, payload, what is wrong): each gets the same bare 4.01.
+    let attempts = [
+        (good.clone(), payload.to_owned(), "replayed as it was"),
         (
-            format!("/t/h1/dev-s?sig={signature}"),
-            r#"{"ts":1763900000123,"v":2}"#,
-            "signature does not match",
+            good.replace("/t/h1/dev-s", "/t/h2/dev-s"),
+            payload.to_owned(),
+            "moved to another house",
         ),
-        ("/t/h1/dev-s".to_owned(), payload, "missing signature"),
         (
-            format!("/t/h1/dev-t?sig={signature}"),
-            payload,
-            "signature does not match",
+            good.replace("/t/h1/dev-s", "/t/h1/dev-t"),
+            payload.to_owned(),
+            "moved to another device",
         ),
-        (format!("/t/h1/dev-x?sig={signature}"), payload, "not known"),
+        (
+            good.replace("/t/h1/dev-s", "/t/dev-s"),
+            payload.to_owned(),
+            "moved to the path without a house",
+        ),
+        (
+            good.replace("nonce=n1", "nonce=n2"),
+            payload.to_owned(),
+            "another nonce",
+        ),
+        (
+            good.clone(),
+            r#"{"ts":1763900000123,"v":2}"#.to_owned(),
+            "another payload",
+        ),
+        (
+            signed_path(b"s3cret", "h1", "dev-s", now - 3_600, "n3", payload),
+            payload.to_owned(),
+            "an hour old",
+        ),
+        (
+            signed_path(b"s3cret", "h9", "dev-s", now, "n4", payload),
+            payload.to_owned(),
+            "no key for h9/dev-s",
+        ),
+        ("/t/h1/dev-s".to_owned(), payload.to_owned(), "unsigned"),
+        (
+            "/t/dev-s".to_owned(),
+            r#"{"house":"h1","v":1}"#.to_owned(),
+            "the house in the payload",
+        ),
     ];
-    for (path, body, reason) in forged {
-        let out = coap_client(&["-m", "post", "-e", body, &url(&path)]).await;
-        let errors = error_lines(&out);
-        assert!(
-            errors
-                .iter()
-                .any(|l| l.starts_with("4.01") && l.contains(reason)),
-            "{path}: {out}"
+    let peer = CoapPeer::new(gateway.coap).await;
+    for (i, (path, body, what)) in attempts.iter().enumerate() {
+        let id = 300 + i as u16;
+        let answer = peer
+            .exchange(&post(path, body.as_bytes(), id), ANSWER_WITHIN)
+            .await
+            .expect("an answer");
+        assert_eq!(code(&answer), "4.01", "{what}: {answer:?}");
+        // Alike: no text, no option, only the ids differ.
+        assert_eq!(
+            answer.to_bytes().unwrap().len(),
+            4 + 2,
+            "{what}: {answer:?}"
         );
     }
-    let records = read_stream(&source, 1, ARRIVE_WITHIN, SETTLE).await;
-    assert_eq!(records.len(), 1);
+    let out = coap_client(&["-m", "post", "-e", payload, &url(&good)]).await;
+    assert!(
+        error_lines(&out).iter().any(|l| l.starts_with("4.01")),
+        "the real client's replay: {out}"
+    );
+
+    // Rotation: the file is replaced; within the reload interval the new
+    // key works and the old one does not.
+    write_keys(&keys, "h1/dev-s n3w-secret\nh1/dev-t hex:00ff\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut nonce = 0;
+    loop {
+        nonce += 1;
+        let body = format!(r#"{{"ts":1763900000124,"v":{nonce}}}"#);
+        let path = signed_path(
+            b"n3w-secret",
+            "h1",
+            "dev-s",
+            unix_seconds(),
+            &format!("r{nonce}"),
+            &body,
+        );
+        let answer = peer
+            .exchange(&post(&path, body.as_bytes(), 400 + nonce), ANSWER_WITHIN)
+            .await
+            .expect("an answer");
+        if code(&answer) == "2.04" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new key was not taken within 30 s:\n{}",
+            gateway.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let old = signed_path(b"s3cret", "h1", "dev-s", unix_seconds(), "old", payload);
+    let answer = peer
+        .exchange(&post(&old, payload.as_bytes(), 500), ANSWER_WITHIN)
+        .await
+        .expect("an answer");
+    assert_eq!(code(&answer), "4.01");
+    assert!(gateway.log_text().contains("device keys reloaded"));
+
+    // The first request, and one of the rotation's (the last try).
+    let records = read_stream(&source, 2, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(
+        records.len(),
+        2,
+        "{:?}",
+        records.iter().map(text).collect::<Vec<_>>()
+    );
     assert_eq!(
         text(&records[0]),
         r#"{"device":"dev-s","house":"h1","ts":1763900000123,"v":1}"#
     );
+    let refused = attempts.len() as f64 + 2.0 + f64::from(nonce - 1);
     assert_eq!(
         gateway.metric(
             "ingest_gateway_rejected_total",
             &[r#"reason="unauthorized""#]
         ),
-        4.0
+        refused
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    source.delete_stream().await.unwrap();
+}
+
+#[test]
+fn a_keys_file_others_can_read_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = std::env::temp_dir().join(format!("gw-open-keys-{}", std::process::id()));
+    std::fs::write(&keys, "h1/dev-s s3cret\n").unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(tests::ingest_bin())
+        .args(["gateway", "--stream", "unused", "--metrics-addr", "off"])
+        .args(["--auth-keys", keys.to_str().unwrap()])
+        .env_remove("INGEST_AUTH_KEYS")
+        .output()
+        .unwrap();
+    std::fs::remove_file(&keys).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("every user may read it (mode 644)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_error_answer_is_larger_than_its_request() {
+    let (stream, source) = create_stream("gw-reflect", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let with_token = |mut packet: Packet, token: &[u8]| {
+        packet.set_token(token.to_vec());
+        packet.to_bytes().unwrap()
+    };
+    let critical = {
+        let mut packet = post("/t/d1", b"{}", 7);
+        packet.add_option(CoapOption::IfMatch, b"x".to_vec());
+        packet.to_bytes().unwrap()
+    };
+    // Small datagrams a spoofed source might send, each answered with an error.
+    let datagrams: Vec<(Vec<u8>, &str)> = vec![
+        (vec![0x40, 0x01, 0x00, 0x01], "4.04"),
+        (
+            with_token(
+                request(MessageType::Confirmable, RequestType::Get, "/t/d1", 2),
+                b"",
+            ),
+            "4.05",
+        ),
+        (
+            with_token(
+                request(MessageType::Confirmable, RequestType::Put, "/health", 3),
+                b"\x01",
+            ),
+            "4.05",
+        ),
+        (with_token(post("/x", b"", 4), b""), "4.04"),
+        (with_token(post("/t/d1", b"{", 5), b""), "4.00"),
+        (with_token(post("/t/d1", b"[]", 6), b"\x01\x02"), "4.00"),
+        (critical, "4.02"),
+    ];
+    for (datagram, expected) in datagrams {
+        peer.send_bytes(&datagram).await;
+        let answer = peer.recv_bytes(ANSWER_WITHIN).await.expect("an answer");
+        let packet = Packet::from_bytes(&answer).unwrap();
+        assert_eq!(code(&packet), expected, "{datagram:02x?}");
+        assert!(
+            answer.len() <= datagram.len(),
+            "{} bytes answer {} bytes: {datagram:02x?} -> {answer:02x?}",
+            answer.len(),
+            datagram.len()
+        );
+    }
+    // A larger request still gets the whole text.
+    let mut padded = post("/nope", b"{}", 8);
+    padded.add_option(CoapOption::UriQuery, vec![b'p'; 120]);
+    let answer = peer.exchange(&padded, ANSWER_WITHIN).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer.payload).starts_with("no such resource: POST telemetry to"),
+        "{answer:?}"
     );
     source.delete_stream().await.unwrap();
 }
@@ -901,7 +1100,7 @@ async fn mqtt_messages_survive_a_gateway_crash_while_kinesis_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_stream_gets_500_and_health_says_why() {
+async fn a_deleted_stream_gets_500_and_the_log_not_health_says_why() {
     let (stream, source) = create_stream("gw-deleted", 1).await;
     let gateway = GatewayProcess::start(&stream, &[], &[]).await;
     let peer = CoapPeer::new(gateway.coap).await;
@@ -925,8 +1124,17 @@ async fn a_deleted_stream_gets_500_and_health_says_why() {
         .await
         .expect("an answer");
     assert_eq!(code(&health), "5.03");
+    // AWS's text (it can name the account and role) is logged, never sent.
     let reason = String::from_utf8_lossy(&health.payload);
-    assert!(reason.contains("not found"), "{reason}");
+    assert!(
+        !reason.contains("not found") && reason.len() < 30,
+        "{reason}"
+    );
+    let log = gateway.log_text();
+    assert!(
+        log.contains("Kinesis is not reachable") && log.contains("not found"),
+        "{log}"
+    );
     assert_eq!(
         gateway.metric("ingest_gateway_rejected_total", &[r#"reason="refused""#]),
         1.0

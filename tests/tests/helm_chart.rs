@@ -633,7 +633,7 @@ impl LocalRelease {
         );
         secrets.insert(
             "ingest-device-keys".into(),
-            BTreeMap::from([(DEVICE.into(), DEVICE_KEY.into())]),
+            BTreeMap::from([(format!("h1.{DEVICE}"), DEVICE_KEY.into())]),
         );
         let outside = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
             .iter()
@@ -782,9 +782,19 @@ async fn the_chart_runs_the_real_thing() {
             now + u64::from(i),
             i + 1
         );
-        let signature = ingest::gateway::auth::sign(DEVICE_KEY.as_bytes(), payload.as_bytes());
+        let time = (now / 1000) as i64;
+        let nonce = format!("n{i}");
+        let signature = ingest::gateway::auth::sign(
+            DEVICE_KEY.as_bytes(),
+            "POST",
+            "h1",
+            DEVICE,
+            time,
+            &nonce,
+            payload.as_bytes(),
+        );
         let request = gateway::post(
-            &format!("/t/h1/{DEVICE}?sig={signature}"),
+            &format!("/t/h1/{DEVICE}?time={time}&nonce={nonce}&sig={signature}"),
             payload.as_bytes(),
             100 + i,
         );

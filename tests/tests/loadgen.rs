@@ -140,6 +140,97 @@ async fn a_small_mixed_run_lands_every_record_exactly_once() {
     db.drop().await;
 }
 
+/// loadgen signs as the README says (its own implementation of the scheme):
+/// a gateway that requires signatures takes every message of its devices,
+/// and refuses those of a device whose key loadgen does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_coap_devices_are_taken_by_a_gateway_that_requires_keys() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = prefix("signed");
+    let (stream, source) = create_stream("loadgen-signed", 1).await;
+    // Four devices, one per house; the gateway knows all four keys, loadgen
+    // only the first three.
+    let keys: Vec<String> = (0..4)
+        .map(|i| format!("{name}-h{i:05}/{name}-{i:06} secret-{i}\n"))
+        .collect();
+    let gateway_keys = scratch("gateway-keys");
+    std::fs::write(&gateway_keys, keys.concat()).unwrap();
+    std::fs::set_permissions(&gateway_keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let loadgen_keys = scratch("loadgen-keys");
+    std::fs::write(&loadgen_keys, keys[..3].concat()).unwrap();
+    let gateway = GatewayProcess::start(
+        &stream,
+        &[
+            "--auth-keys",
+            gateway_keys.to_str().unwrap(),
+            "--require-auth",
+        ],
+        &[],
+    )
+    .await;
+    let json = scratch("signed.json");
+    let output = run_loadgen(
+        &[
+            "--devices",
+            "4",
+            "--devices-per-house",
+            "1",
+            "--protocol",
+            "coap",
+            "--coap-non-share",
+            "0",
+            "--rate",
+            "5",
+            "--duration",
+            "4s",
+            "--warmup",
+            "1s",
+            "--seed",
+            "5",
+            "--prefix",
+            &name,
+            "--coap-addr",
+            &gateway.coap.to_string(),
+            "--coap-keys",
+            loadgen_keys.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let report = read_json(&json);
+    let coap = &report["protocols"]["coap"];
+    // The unsigned fourth device's messages fail with 4.01, so loadgen
+    // reports failure; every other message is acknowledged.
+    assert!(!output.status.success(), "{}", stdio(&output));
+    let failed = coap["failed"].as_object().expect("failures").clone();
+    assert_eq!(failed.keys().collect::<Vec<_>>(), ["4.01"], "{report:#}");
+    let refused = failed["4.01"].as_u64().unwrap();
+    let acked = coap["acked"].as_u64().unwrap();
+    // The fourth device's share, and the other three's.
+    assert!(refused >= 10 && refused * 2 < acked, "{report:#}");
+    assert_eq!(coap["uncertain"], serde_json::json!({}), "{report:#}");
+
+    let records = read_stream(
+        &source,
+        acked as usize,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(records.len() as u64, acked, "{report:#}");
+    let mut devices: Vec<&str> = records.iter().map(|r| r.partition_key.as_str()).collect();
+    devices.sort();
+    devices.dedup();
+    let expected: Vec<String> = (0..3).map(|i| format!("{name}-{i:06}")).collect();
+    assert_eq!(devices, expected);
+    drop(gateway);
+    source.delete_stream().await.unwrap();
+    for file in [gateway_keys, loadgen_keys, json] {
+        std::fs::remove_file(file).ok();
+    }
+}
+
 /// The record fields a replayed message must keep: a recorded payload, or a
 /// record the gateway put into the stream.
 fn identity(record: &Value) -> (String, String, i64, String) {

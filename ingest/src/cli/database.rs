@@ -2,10 +2,12 @@
 
 use serde::Deserialize;
 
-use ingest::config::{ConfigError, DatabaseConfig, LOCAL_DATABASE_URL, parse_duration};
+use ingest::config::{
+    ConfigError, DatabaseConfig, LOCAL_DATABASE_URL, parse_duration, redact_password,
+};
 
 /// Where the database is. In the config file: section [database].
-#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[derive(Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db. Also read from
@@ -38,6 +40,23 @@ pub struct DatabaseArgs {
     /// [default: the system's trusted CAs]
     #[arg(long, env = "INGEST_DATABASE_CA_FILE", value_name = "FILE")]
     pub database_ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    // By hand, so that a password in the URL never reaches `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_password),
+            )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("consul_dns", &self.consul_dns)
+            .field("database_password_file", &self.database_password_file)
+            .field("database_tls", &self.database_tls)
+            .field("database_ca_file", &self.database_ca_file)
+            .finish()
+    }
 }
 
 /// How the connection to the database is protected.
@@ -91,5 +110,24 @@ impl DatabaseArgs {
             config = config.with_tls(ingest::config::tls::verify_full(ca_file.as_deref())?);
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let args = DatabaseArgs {
+            database_url: Some("postgres://ingest:hunter2@db:5432/ingest".into()),
+            ..DatabaseArgs::default()
+        };
+        let debug = format!("{args:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(
+            debug.contains("postgres://ingest:***@db:5432/ingest"),
+            "{debug}"
+        );
     }
 }

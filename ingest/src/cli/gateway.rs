@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use ingest::config::{ConfigError, parse_duration};
 use ingest::decode::DecodeLimits;
 use ingest::gateway::GatewayConfig;
-use ingest::gateway::auth::AuthPolicy;
-use ingest::gateway::mqtt::{MqttSettings, TopicLayout};
+use ingest::gateway::auth::{AuthPolicy, AuthSettings};
+use ingest::gateway::mqtt::{Credentials, MqttSettings, TopicLayout};
 
 use super::ConfigFile;
 
@@ -33,8 +33,9 @@ const MAX_COAP_PAYLOAD: usize = 65_000;
 /// topic to device, house, field and time by --mqtt-layout, and acknowledges a
 /// QoS 1 message only once Kinesis took its record.
 ///
-/// With --auth-keys, devices that have a key must sign: ?sig=<hex HMAC-SHA256
-/// of the payload>. AWS access and endpoints come from the standard AWS
+/// With --auth-keys, a (house, device) that has a key must sign its requests:
+/// ?time=<unix seconds>&nonce=<unique>&sig=<hex HMAC-SHA256> over the method,
+/// path, time, nonce and payload (see the README). AWS access and endpoints come from the standard AWS
 /// environment (AWS_REGION, AWS_ENDPOINT_URL_KINESIS, credentials chain).
 /// SIGTERM or SIGINT stops taking requests and answers those in flight.
 #[derive(Debug, Args)]
@@ -46,8 +47,8 @@ pub struct GatewayArgs {
     #[arg(long, env = "INGEST_COAP_BIND", default_value = "0.0.0.0:5683")]
     coap_bind: String,
     /// The MQTT broker: mqtt://[user[:password]@]host[:port] (port 1883 by default).
-    #[arg(long, env = "INGEST_MQTT_URL")]
-    mqtt_url: Option<String>,
+    #[arg(long, env = "INGEST_MQTT_URL", hide_env_values = true)]
+    mqtt_url: Option<MqttUrl>,
     /// Topic filter to subscribe to, e.g. devices/+/telemetry; repeat it, or
     /// separate with commas in the variable. None: no MQTT bridge.
     #[arg(long = "mqtt-topic", env = "INGEST_MQTT_TOPICS", value_delimiter = ',')]
@@ -69,14 +70,23 @@ pub struct GatewayArgs {
     /// Where to serve /metrics, /healthz and /readyz ("off" for nowhere).
     #[arg(long, env = "INGEST_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     metrics_addr: String,
-    /// Device keys: a file of `<device> <secret>` lines, or a folder with a file
-    /// per device (a mounted Kubernetes secret). `hex:` before a secret means hex.
+    /// Device keys, one per (house, device): a file of `<house>/<device> <secret>`
+    /// lines, or a folder with a file per key named `<house>.<device>` (a mounted
+    /// Kubernetes secret). `hex:` before a secret means hex. Others must not be
+    /// able to read them; they are read again when they change.
     #[arg(long, env = "INGEST_AUTH_KEYS", value_name = "PATH")]
     auth_keys: Option<PathBuf>,
-    /// Refuse (4.01) devices that have no key; without it, only devices with a
-    /// key must sign.
+    /// Refuse (4.01) requests of a (house, device) that has no key; without it,
+    /// only those with a key must sign.
     #[arg(long, env = "INGEST_REQUIRE_AUTH", requires = "auth_keys")]
     require_auth: bool,
+    /// How far a signed request's time may be from the gateway's clock.
+    #[arg(long, env = "INGEST_SIGNATURE_WINDOW", default_value = "60s")]
+    signature_window: String,
+    /// Signatures remembered to refuse replays (52 MB at 1,000,000); when all
+    /// are within the window, signed requests get 5.03 until some expire.
+    #[arg(long, env = "INGEST_REPLAY_CAPACITY", default_value_t = 1_000_000)]
+    replay_capacity: usize,
     /// Largest CoAP payload accepted (4.13 above it); at most 65000, one datagram.
     #[arg(long, env = "INGEST_MAX_PAYLOAD_BYTES", default_value_t = 16 * 1024)]
     max_payload_bytes: usize,
@@ -133,14 +143,27 @@ impl GatewayArgs {
                 Ok(value)
             }
         };
+        let window = parse_duration("--signature-window", &self.signature_window)?;
+        if window.is_zero() || window.as_secs() > 3_600 {
+            return Err(ConfigError::new(
+                "--signature-window",
+                &self.signature_window,
+                "must be 1s to 1h",
+            ));
+        }
+        let auth_settings = AuthSettings {
+            require: self.require_auth,
+            window,
+            replay_capacity: positive("--replay-capacity", self.replay_capacity)?,
+        };
         let auth = match &self.auth_keys {
-            Some(path) => AuthPolicy::load(path, self.require_auth).map_err(|e| {
+            Some(path) => AuthPolicy::load(path, auth_settings).map_err(|e| {
                 ConfigError::new("--auth-keys", &path.display().to_string(), e.reason)
             })?,
             None => AuthPolicy::open(),
         };
         let mqtt = mqtt_settings(
-            self.mqtt_url.as_deref(),
+            self.mqtt_url.as_ref().map(|url| url.0.as_str()),
             self.mqtt_topics,
             self.mqtt_layouts,
             self.mqtt_client_id,
@@ -216,7 +239,25 @@ fn mqtt_settings(
     }))
 }
 
-type BrokerAddress = (String, u16, Option<(String, String)>);
+type BrokerAddress = (String, u16, Option<Credentials>);
+
+/// `--mqtt-url`, whose password `Debug` hides.
+#[derive(Clone)]
+struct MqttUrl(String);
+
+impl std::str::FromStr for MqttUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        Ok(Self(url.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for MqttUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", hide_password(&self.0))
+    }
+}
 
 /// `mqtt://[user[:password]@]host[:port]` (or `tcp://`, or no scheme).
 fn parse_mqtt_url(url: &str) -> Result<BrokerAddress, ConfigError> {
@@ -234,7 +275,11 @@ fn parse_mqtt_url(url: &str) -> Result<BrokerAddress, ConfigError> {
     let (credentials, address) = match rest.rsplit_once('@') {
         Some((user_info, address)) => {
             let (user, password) = user_info.split_once(':').unwrap_or((user_info, ""));
-            (Some((user.to_owned(), password.to_owned())), address)
+            let credentials = Credentials {
+                user: user.to_owned(),
+                password: password.to_owned(),
+            };
+            (Some(credentials), address)
         }
         None => (None, rest),
     };
@@ -304,7 +349,7 @@ mod tests {
             let (h, p, c) = parse_mqtt_url(url).unwrap();
             assert_eq!((h.as_str(), p), (host, port), "{url}");
             assert_eq!(
-                c.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+                c.as_ref().map(|c| (c.user.as_str(), c.password.as_str())),
                 credentials,
                 "{url}"
             );
@@ -319,6 +364,31 @@ mod tests {
         }
         let err = parse_mqtt_url("mqtt://user:secret@broker:x").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn no_debug_output_shows_the_broker_password() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            gateway: GatewayArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "gateway",
+            "--stream",
+            "s",
+            "--mqtt-url",
+            "mqtt://bridge:hunter2@broker:1883",
+            "--mqtt-topic",
+            "devices/+/telemetry",
+        ])
+        .unwrap();
+        let args = format!("{cli:?}");
+        let config = format!("{:?}", cli.gateway.validate().unwrap());
+        for debug in [args, config] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("bridge"), "{debug}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod database;
 mod duration;
 pub mod tls;
 
-pub use database::{DatabaseConfig, LOCAL_DATABASE_URL};
+pub use database::{DatabaseConfig, LOCAL_DATABASE_URL, redact_password};
 pub use duration::{parse_duration, parse_optional_duration};
 
 /// A configuration value that cannot be used, with the setting's name.

@@ -1,10 +1,11 @@
 //! Whether the gateway can reach its Kinesis stream: what `/health` (CoAP)
 //! and `/readyz` (HTTP) answer. Every PutRecords result updates it, and a
 //! probe (DescribeStreamSummary) every [`PROBE_INTERVAL`] keeps it current
-//! when no traffic flows.
+//! when no traffic flows. Why it is down (AWS's error text, which can name
+//! the account and the role) goes to the log only, never to a device.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -22,8 +23,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct KinesisHealth {
     /// True while the last call reached the stream.
     up: AtomicBool,
-    /// Why it is down, for `/health`'s answer and the log.
-    reason: Mutex<String>,
+    /// Whether the current outage is in the log already.
+    down_logged: AtomicBool,
     /// Mirrored into `/readyz`.
     readiness: Arc<Readiness>,
 }
@@ -34,7 +35,7 @@ impl KinesisHealth {
         readiness.set(false);
         Self {
             up: AtomicBool::new(false),
-            reason: Mutex::new("not checked yet".into()),
+            down_logged: AtomicBool::new(false),
             readiness,
         }
     }
@@ -44,16 +45,12 @@ impl KinesisHealth {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Why the stream is not reachable (meaningful while down).
-    pub fn reason(&self) -> String {
-        self.reason.lock().map(|r| r.clone()).unwrap_or_default()
-    }
-
     /// A call reached the stream.
     pub fn reached(&self) {
         if !self.up.swap(true, Ordering::Relaxed) {
             tracing::info!("Kinesis is reachable");
         }
+        self.down_logged.store(false, Ordering::Relaxed);
         self.readiness.set(true);
     }
 
@@ -65,11 +62,11 @@ impl KinesisHealth {
         ) {
             return self.reached();
         }
-        if let Ok(mut reason) = self.reason.lock() {
-            *reason = err.to_string();
-        }
-        if self.up.swap(false, Ordering::Relaxed) {
+        self.up.store(false, Ordering::Relaxed);
+        if !self.down_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = %err, "Kinesis is not reachable");
+        } else {
+            tracing::debug!(error = %err, "Kinesis is still not reachable");
         }
         self.readiness.set(false);
     }

@@ -10,13 +10,14 @@
 //!
 //! - [`record`]: a message (origin ids + payload) to the record's JSON.
 //! - [`cbor`]: CBOR payloads to JSON.
-//! - [`auth`]: per-device HMAC-SHA256 signatures.
+//! - [`auth`]: HMAC-SHA256 signatures per (house, device), fresh and used once.
 //! - [`producer`]: batching into PutRecords, retries, each record's outcome.
 //! - [`health`]: whether Kinesis is reachable.
 //! - [`coap`], [`mqtt`]: the two doors.
 //!
-//! Only `source::kinesis` knows Kinesis types; `record`, `cbor`, `auth`,
-//! `mqtt::layout` and CoAP's message, resource and exchange layers do no IO.
+//! Only `source::kinesis` knows Kinesis types; `record`, `cbor`,
+//! `mqtt::layout` and CoAP's message, resource and exchange layers do no IO;
+//! `auth` reads its key files only (at start, and when they change).
 
 pub mod auth;
 pub mod cbor;
@@ -122,6 +123,9 @@ pub async fn run(
         "gateway started"
     );
     let probe = tokio::spawn(health::probe_loop(source, health.clone(), shutdown.clone()));
+    // A rotated key (a Kubernetes secret updated in place) takes effect
+    // without a restart.
+    let keys = tokio::spawn(auth::watch(config.auth.clone(), shutdown.clone()));
     let mqtt = config.mqtt.clone().map(|settings| {
         tokio::spawn(mqtt::run(
             settings,
@@ -131,7 +135,6 @@ pub async fn run(
         ))
     });
     let settings = coap::CoapSettings {
-        stream: config.stream.clone(),
         max_payload_bytes: config.max_payload_bytes,
         put_timeout: config.put_timeout,
         auth: config.auth.clone(),
@@ -155,6 +158,7 @@ pub async fn run(
     tokio::join!(coap, mqtt_done);
     let _ = tokio::time::timeout(config.shutdown_grace, producer_task).await;
     let _ = probe.await;
+    let _ = keys.await;
     tracing::info!("gateway stopped");
     Ok(())
 }

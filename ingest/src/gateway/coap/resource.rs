@@ -7,7 +7,9 @@ use coap_lite::{RequestType, ResponseType};
 
 use super::message::{FORMAT_CBOR, FORMAT_JSON, FORMAT_LINK, Reply, Request};
 use crate::decode::{Decoder, Micros};
-use crate::gateway::auth::{AuthPolicy, SIGNATURE_PARAMETER};
+use crate::gateway::auth::{
+    AuthPolicy, Claim, Denied, NONCE_PARAMETER, SIGNATURE_PARAMETER, TIME_PARAMETER,
+};
 use crate::gateway::cbor;
 use crate::gateway::record::{self, Conflict, Origin, Payload};
 
@@ -138,15 +140,30 @@ pub fn telemetry(
             ));
         }
     };
-    if let Err(denied) = rules.auth.check(
+    let claim = Claim {
+        method: "POST",
+        house,
         device,
-        &request.payload,
-        request.query_value(SIGNATURE_PARAMETER),
-    ) {
-        return Err((
-            "unauthorized",
-            Reply::error(ResponseType::Unauthorized, denied.to_string()),
-        ));
+        payload: &request.payload,
+        time: request.query_value(TIME_PARAMETER),
+        nonce: request.query_value(NONCE_PARAMETER),
+        signature: request.query_value(SIGNATURE_PARAMETER),
+    };
+    match rules.auth.check(&claim, arrival.div_euclid(1_000_000)) {
+        Ok(_) => {}
+        Err(Denied::ReplayCacheFull) => {
+            let reply = Reply {
+                max_age: Some(1),
+                ..Reply::error(ResponseType::ServiceUnavailable, "busy")
+            };
+            return Err(("overloaded", reply));
+        }
+        Err(denied) => {
+            // The same answer whatever the reason: the reason would tell
+            // an attacker which devices have keys. The log says it.
+            tracing::debug!(house, device, reason = %denied, "CoAP request not authenticated");
+            return Err(("unauthorized", Reply::empty(ResponseType::Unauthorized)));
+        }
     }
     let bad = |reason: String| {
         (
@@ -186,7 +203,7 @@ mod tests {
     use coap_lite::ResponseType as R;
 
     use super::*;
-    use crate::gateway::auth::sign;
+    use crate::gateway::auth::{AuthSettings, sign};
 
     const NOW: Micros = 1_763_900_000_123_456;
 
@@ -342,14 +359,34 @@ mod tests {
             assert!(got_text.contains(text), "{got_text:?} lacks {text:?}");
         }
 
-        let keys = [("d1".to_owned(), b"k".to_vec())].into_iter().collect();
-        let auth = AuthPolicy::new(keys, true);
+        let keys = [(("h1".to_owned(), "d1".to_owned()), b"k".to_vec())]
+            .into_iter()
+            .collect();
+        let auth = AuthPolicy::new(
+            keys,
+            AuthSettings {
+                require: true,
+                ..AuthSettings::default()
+            },
+        );
+        let now = NOW.div_euclid(1_000_000);
+        let signed_query = |nonce: &str, payload: &str| {
+            let sig = sign(b"k", "POST", "h1", "d1", now, nonce, payload.as_bytes());
+            vec![
+                format!("time={now}"),
+                format!("nonce={nonce}"),
+                format!("sig={sig}"),
+            ]
+        };
         let mut signed = post(r#"{"v":1}"#);
-        signed.query = vec![format!("sig={}", sign(b"k", br#"{"v":1}"#))];
+        signed.query = signed_query("n1", r#"{"v":1}"#);
         assert!(check(&signed, &auth).is_ok());
+        // Forged, replayed, unsigned: one answer, 4.01 with no text.
         let mut forged = post(r#"{"v":2}"#);
-        forged.query = signed.query.clone();
-        let (reason, code, _) = check(&forged, &auth).unwrap_err();
-        assert_eq!((reason, code), ("unauthorized", R::Unauthorized));
+        forged.query = signed_query("n2", r#"{"v":1}"#);
+        for request in [forged, signed, post(r#"{"v":1}"#)] {
+            let refused = check(&request, &auth).unwrap_err();
+            assert_eq!(refused, ("unauthorized", R::Unauthorized, String::new()));
+        }
     }
 }

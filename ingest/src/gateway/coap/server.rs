@@ -57,8 +57,6 @@ const DATAGRAM_BUFFER: usize = 65_536;
 /// What the CoAP server needs.
 #[derive(Debug)]
 pub struct CoapSettings {
-    /// The name of the stream, for `/health`.
-    pub stream: String,
     /// Larger payloads get 4.13.
     pub max_payload_bytes: usize,
     /// How long a request waits for Kinesis before 5.03.
@@ -96,6 +94,8 @@ struct ReplyTo {
     confirmable: bool,
     /// The No-Response option's value (0 when absent).
     no_response: u32,
+    /// The request's datagram size: no error answer is larger.
+    request_bytes: usize,
 }
 
 /// Serves CoAP on `socket` until `shutdown`, then waits (at most `grace`)
@@ -268,6 +268,7 @@ impl Server {
                     token,
                     confirmable,
                     no_response: 0,
+                    request_bytes: bytes.len(),
                 };
                 return self.answer(&to, Reply::error(unreadable.code, unreadable.reason));
             }
@@ -278,6 +279,7 @@ impl Server {
             token,
             confirmable,
             no_response: request.no_response,
+            request_bytes: bytes.len(),
         };
         match self.handle(&request, decoder, producer) {
             Ok(reply) => self.answer(&to, reply),
@@ -349,21 +351,16 @@ impl Server {
 
     fn health_reply(&self) -> Reply {
         if self.health.is_up() {
+            // Short, and nothing about the stream or the account: anyone
+            // may ask, from any (spoofed) address.
             Reply {
-                payload: format!("ok: Kinesis stream {} is reachable", self.settings.stream)
-                    .into_bytes(),
+                payload: b"ok".to_vec(),
                 content_format: Some(FORMAT_TEXT),
                 ..Reply::empty(ResponseType::Content)
             }
         } else {
-            unavailable(
-                format!(
-                    "Kinesis stream {} is not reachable: {}",
-                    self.settings.stream,
-                    self.health.reason()
-                ),
-                RETRY_AFTER_UNAVAILABLE,
-            )
+            // Why is in the log (KinesisHealth): AWS's text names accounts.
+            unavailable("Kinesis is not reachable", RETRY_AFTER_UNAVAILABLE)
         }
     }
 
@@ -424,6 +421,7 @@ impl Server {
     /// separately after an empty ACK, or as NON), remembers it for
     /// retransmissions, and counts it.
     fn answer(self: &Arc<Self>, to: &ReplyTo, reply: Reply) {
+        let reply = no_larger_than(reply, to.request_bytes, &to.token);
         metrics::counter!(m::GATEWAY_COAP_REQUESTS, "code" => reply.code_text()).increment(1);
         let suppressed = message::suppresses(to.no_response, reply.code);
         let key = (to.peer, to.message_id);
@@ -498,6 +496,30 @@ impl Server {
             tracing::debug!(%error, %peer, "CoAP send failed");
         }
     }
+}
+
+/// `reply` with its diagnostic text cut so that an error answer is no larger
+/// than the request: whoever spoofs a source address gets no more bytes sent
+/// to it than were sent (RFC 7252 §11.3, amplification). Signed requests are
+/// large enough for the whole text; the rest get what fits.
+fn no_larger_than(mut reply: Reply, request_bytes: usize, token: &[u8]) -> Reply {
+    let class = u8::from(MessageClass::Response(reply.code)) >> 5;
+    if class < 4 || reply.payload.is_empty() {
+        return reply;
+    }
+    let text = std::mem::take(&mut reply.payload);
+    let bare = reply.encode(MessageType::Acknowledgement, 0, token).len();
+    // One more byte for the payload marker.
+    let room = request_bytes.saturating_sub(bare + 1);
+    if room > 0 {
+        let mut cut = room.min(text.len());
+        while cut > 0 && std::str::from_utf8(&text[..cut]).is_err() {
+            cut -= 1;
+        }
+        reply.payload = text;
+        reply.payload.truncate(cut);
+    }
+    reply
 }
 
 /// A 5.03 with Max-Age: try again in `seconds`.

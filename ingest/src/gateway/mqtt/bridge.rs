@@ -49,7 +49,7 @@ pub struct MqttSettings {
     /// The broker's port.
     pub port: u16,
     /// User name and password, if the broker wants them.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<Credentials>,
     /// The client id: fixed, so the broker keeps the session (and the
     /// messages not acknowledged) across restarts.
     pub client_id: String,
@@ -59,6 +59,24 @@ pub struct MqttSettings {
     pub layouts: Vec<TopicLayout>,
     /// Larger payloads are refused (the decoder's limit).
     pub max_payload_bytes: usize,
+}
+
+/// A broker login. `Debug` shows the user, never the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name.
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
 }
 
 /// Runs the bridge until `shutdown`, then acknowledges what Kinesis took
@@ -76,8 +94,8 @@ pub async fn run(
         .set_manual_acks(true)
         .set_keep_alive(KEEP_ALIVE)
         .set_max_packet_size(MAX_PACKET_BYTES, 64 * 1024);
-    if let Some((user, password)) = &settings.credentials {
-        options.set_credentials(user, password);
+    if let Some(credentials) = &settings.credentials {
+        options.set_credentials(&credentials.user, &credentials.password);
     }
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let (messages, received) = mpsc::unbounded_channel();

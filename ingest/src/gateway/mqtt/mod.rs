@@ -7,5 +7,5 @@
 mod bridge;
 mod layout;
 
-pub use bridge::{MqttSettings, run};
+pub use bridge::{Credentials, MqttSettings, run};
 pub use layout::{DEFAULT_LAYOUTS, Mapped, TopicLayout, map_topic};
