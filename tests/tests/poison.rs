@@ -168,7 +168,7 @@ async fn records_the_database_refuses_become_dead_letters_and_the_rest_lands_onc
     let last = sequences.last().unwrap();
     let checkpoints: Vec<String> = client
         .query(
-            "SELECT checkpoint FROM ingest.shard_leases WHERE stream = $1 AND checkpoint IS NOT NULL",
+            "SELECT checkpoint FROM ingest.shard_leases WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1) AND checkpoint IS NOT NULL",
             &[&stream],
         )
         .await
