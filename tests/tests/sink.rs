@@ -38,9 +38,9 @@ async fn add(
     for ((seq, raw), result) in records.iter().zip(&decoded) {
         match result {
             Ok(reading) => segment.add_reading(reading, cache).unwrap(),
-            Err(error) => segment.add_dead_letter("s", seq, error, raw.as_bytes()),
+            Err(error) => segment.add_dead_letter("s", seq, None, error, raw.as_bytes()),
         }
-        segment.advance(seq);
+        segment.advance(seq, None);
     }
 }
 

@@ -154,9 +154,13 @@ mod tests {
         );
 
         let dead = |batch: &mut Batch, shard: &str, raw: &[u8]| {
-            batch
-                .segment(shard, 1, start)
-                .add_dead_letter("s", "1", &DecodeError::NoFields, raw)
+            batch.segment(shard, 1, start).add_dead_letter(
+                "s",
+                "1",
+                None,
+                &DecodeError::NoFields,
+                raw,
+            )
         };
         dead(&mut batch, "a", b"x");
         dead(&mut batch, "b", b"y");

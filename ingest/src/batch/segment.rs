@@ -19,6 +19,10 @@ pub struct Segment {
     pub lease_counter: i64,
     /// Sequence number of the last record in this segment: the new checkpoint.
     pub last_sequence: Option<String>,
+    /// When the segment ends inside a KPL aggregate: the last user record
+    /// of it in the segment (the checkpoint's sub-sequence). None: the
+    /// record at `last_sequence` is done whole.
+    pub last_sub_sequence: Option<i64>,
     /// The shard was read to its end: the lease is marked ended on commit.
     pub ended: bool,
     /// How far behind the shard's tip the latest records were read.
@@ -32,7 +36,7 @@ pub struct Segment {
     events: BytesMut,
     event_rows: usize,
     /// Tuples for ingest.dead_letters (stream, shard_id, sequence_number,
-    /// reason_kind, reason, raw).
+    /// sub_sequence, reason_kind, reason, raw).
     dead_letters: BytesMut,
     dead_letter_rows: usize,
 }
@@ -48,6 +52,7 @@ impl Segment {
             shard_id: shard_id.to_string(),
             lease_counter,
             last_sequence: None,
+            last_sub_sequence: None,
             ended: false,
             millis_behind_latest: None,
             records: 0,
@@ -99,28 +104,34 @@ impl Segment {
         Ok(())
     }
 
-    /// Encodes a record that could not be decoded, with its reason.
+    /// Encodes a record that could not be decoded, with its reason;
+    /// `sub_sequence` names a user record inside a KPL aggregate.
     pub fn add_dead_letter(
         &mut self,
         stream: &str,
         sequence_number: &str,
+        sub_sequence: Option<i64>,
         error: &DecodeError,
         raw: &[u8],
     ) {
-        TupleWriter::start(&mut self.dead_letters, 6)
+        TupleWriter::start(&mut self.dead_letters, 7)
             .text(stream)
             .text(&self.shard_id)
             .text(sequence_number)
+            .nullable_int8(sub_sequence)
             .text(error.kind())
             .text(&error.to_string())
             .bytea(raw);
         self.dead_letter_rows += 1;
     }
 
-    /// Moves the segment's checkpoint to `sequence_number`, the record just added.
-    pub fn advance(&mut self, sequence_number: &str) {
+    /// Moves the segment's checkpoint to the record just added:
+    /// `sequence_number`, and `sub_sequence` when a KPL aggregate's user
+    /// records after it are still to come (None: the record is done whole).
+    pub fn advance(&mut self, sequence_number: &str, sub_sequence: Option<i64>) {
         self.records += 1;
         self.last_sequence = Some(sequence_number.to_string());
+        self.last_sub_sequence = sub_sequence;
     }
 
     /// Rows in each table: (samples, events, dead letters).
@@ -141,6 +152,7 @@ impl Segment {
             shard_id: self.shard_id,
             lease_counter: self.lease_counter,
             last_sequence: self.last_sequence,
+            last_sub_sequence: self.last_sub_sequence,
             ended: self.ended,
             millis_behind_latest: self.millis_behind_latest,
             records: self.records,
@@ -161,6 +173,8 @@ pub struct SealedSegment {
     pub lease_counter: i64,
     /// The new checkpoint; None when the segment only marks the end of the shard.
     pub last_sequence: Option<String>,
+    /// The checkpoint's sub-sequence: set when it is inside a KPL aggregate.
+    pub last_sub_sequence: Option<i64>,
     /// Mark the lease ended on commit.
     pub ended: bool,
     /// Recorded with the checkpoint, for `ingest status`.
@@ -249,7 +263,7 @@ mod tests {
         );
         assert!(missing_series([&r], &mut cache).is_empty());
         segment.add_reading(&r, &mut cache).unwrap();
-        segment.advance("42");
+        segment.advance("42", None);
         assert_eq!(segment.rows(), (2, 1, 0));
         assert_eq!(segment.last_sequence.as_deref(), Some("42"));
         // Two samples of 2 + 3 * 4 + 8 + 4 + 8 bytes.

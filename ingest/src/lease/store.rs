@@ -17,6 +17,9 @@ pub struct HeldLease {
     pub counter: i64,
     /// Where reading resumes (after this sequence number); None: from the start position.
     pub checkpoint: Option<String>,
+    /// Set when a batch ended inside the KPL aggregate at `checkpoint`: its
+    /// user records up to this one are committed, so reading resumes at it.
+    pub checkpoint_sub: Option<i64>,
 }
 
 /// Lease operations of one worker on one stream.
@@ -155,7 +158,7 @@ impl LeaseStore {
                      SET owner = $2, lease_counter = l.lease_counter + 1,
                          expires_at = now() + make_interval(secs => $3), updated_at = now()
                      FROM free WHERE l.stream = $1 AND l.shard_id = free.shard_id
-                     RETURNING l.shard_id, l.lease_counter, l.checkpoint"
+                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.checkpoint_sub"
                 ),
                 &[&self.stream, &self.worker, &self.ttl_secs(), &(count as i64)],
             )
@@ -183,7 +186,7 @@ impl LeaseStore {
                      SET owner = $2, lease_counter = l.lease_counter + 1,
                          expires_at = now() + make_interval(secs => $3), updated_at = now()
                      FROM one WHERE l.stream = $1 AND l.shard_id = one.shard_id
-                     RETURNING l.shard_id, l.lease_counter, l.checkpoint"
+                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.checkpoint_sub"
                 ),
                 &[&self.stream, &self.worker, &self.ttl_secs(), &victim],
             )
@@ -219,5 +222,6 @@ fn held_lease(row: &tokio_postgres::Row) -> HeldLease {
         shard_id: row.get(0),
         counter: row.get(1),
         checkpoint: row.get(2),
+        checkpoint_sub: row.get(3),
     }
 }
