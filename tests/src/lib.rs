@@ -8,6 +8,7 @@ pub mod consumer;
 pub mod failover;
 pub mod gateway;
 pub mod helm;
+pub mod kpl;
 pub mod pod;
 pub mod proxy;
 
