@@ -144,7 +144,9 @@ mod tests {
     }
 
     /// (sequence, sub, ends_record, checkpoint_sub, dead letter kind)
-    fn summary(items: &[Item]) -> Vec<(String, Option<i64>, bool, Option<i64>, &'static str)> {
+    type Summary = (String, Option<i64>, bool, Option<i64>, &'static str);
+
+    fn summary(items: &[Item]) -> Vec<Summary> {
         items
             .iter()
             .map(|i| {
