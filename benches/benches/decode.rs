@@ -119,6 +119,7 @@ fn consumer_path(c: &mut Criterion) {
                         TimeWindow::default(),
                         ARRIVAL_MICROS,
                         fetched,
+                        None,
                     );
                     let readings = items.iter().filter_map(|item| item.decoded.as_ref().ok());
                     assert!(missing_series(readings, &mut cache).is_empty());
@@ -128,7 +129,7 @@ fn consumer_path(c: &mut Criterion) {
                         segment
                             .add_reading(reading, &mut cache)
                             .expect("the cache is warm");
-                        segment.advance(&item.sequence_number, &item.raw);
+                        segment.advance(&item.sequence_number, None, true, &item.raw);
                     }
                     black_box(segment.seal())
                 },

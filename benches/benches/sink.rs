@@ -188,7 +188,12 @@ async fn prepare() -> (Client, Vec<SealedSegment>) {
         segment
             .add_reading(&reading, &mut cache)
             .expect("every series was resolved");
-        segment.advance(&format!("{:056}", 49_600_000_000u64 + i as u64), &raw);
+        segment.advance(
+            &format!("{:056}", 49_600_000_000u64 + i as u64),
+            None,
+            true,
+            &raw,
+        );
     }
     let segments: Vec<SealedSegment> = segments.into_iter().map(Segment::seal).collect();
     assert_eq!(segments.iter().map(|s| s.rows.0).sum::<usize>(), ROWS);

@@ -8,6 +8,8 @@
 //! - [`db`]: connecting to PostgreSQL with timeouts and one-line errors.
 //! - [`decode`]: one Kinesis record's bytes to a [`decode::Reading`] or a
 //!   precise reason for its dead letter. No IO.
+//! - [`kpl`]: KPL aggregation: user records out of (and into) one Kinesis
+//!   record. No IO.
 //! - [`gateway`]: `ingest gateway`, CoAP and MQTT telemetry into Kinesis.
 //! - [`provision`]: `ingest provision`, the AWS side, idempotently.
 //!
@@ -22,6 +24,7 @@ pub mod consumer;
 pub mod db;
 pub mod decode;
 pub mod gateway;
+pub mod kpl;
 pub mod lease;
 pub mod metrics;
 pub mod observe;

@@ -77,6 +77,13 @@ pub static MIGRATIONS: &[Migration] = &[
         postgres: "",
         timescaledb: "",
     },
+    Migration {
+        version: 7,
+        name: "kpl sub-sequence",
+        common: include_str!("../migrations/0007_kpl_sub_sequence.sql"),
+        postgres: "",
+        timescaledb: "",
+    },
 ];
 
 #[cfg(test)]

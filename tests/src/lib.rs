@@ -9,6 +9,7 @@ pub mod failover;
 pub mod gateway;
 pub mod helm;
 pub mod kinesis_retention;
+pub mod kpl;
 pub mod pod;
 pub mod proxy;
 

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,6 +14,7 @@ use tests::consumer::{
 };
 use tests::proxy::TcpProxy;
 use tests::{TestDb, base_ts};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 const SAMPLES: &str = "SELECT count(*) FROM telemetry.samples";
 const LAND_WITHIN: Duration = Duration::from_secs(90);
@@ -278,5 +281,172 @@ async fn an_unavailable_archive_holds_the_checkpoints_and_everything_lands_once_
         expected.keys().all(|line| archived.contains_key(line)),
         "records missing from the archive"
     );
+    db.drop().await;
+}
+
+/// KPL aggregates (made by AWS's `aws-kinesis-agg`) are archived as their
+/// user records, one line each, as Firehose itself de-aggregates them.
+#[tokio::test(flavor = "multi_thread")]
+async fn kpl_aggregates_are_archived_as_their_user_records() {
+    let spec = provisioned("archive-kpl").await;
+    let db = TestDb::migrated("archive_kpl").await;
+    let (stream, source) = create_stream("archive-kpl", 1).await;
+    let user = records(10, 300, base_ts());
+    let aggregated = tests::kpl::aggregate(&user, Some(8 * 1024));
+    assert!(aggregated.len() > 1, "several aggregates");
+    source.put_records(&aggregated).await.unwrap();
+    let _worker = ConsumerProcess::start(
+        &db.url,
+        &stream,
+        "kpl-w1",
+        &["--archive-delivery-stream", &spec.delivery_stream],
+    );
+    let client = db.client().await;
+    assert_eq!(
+        wait_for_count(&client, SAMPLES, user.len() as i64, LAND_WITHIN).await,
+        user.len() as i64
+    );
+    let expected = expected_lines(&user);
+    let archived = wait_for_archive(&spec.bucket, &expected).await;
+    assert_eq!(archived, expected, "each user record once, as a line");
+    db.drop().await;
+}
+
+/// A stand-in Firehose endpoint that answers the first PutRecordBatch with
+/// its first entry failed and a FailedPutCount larger than the entries sent
+/// (no real Firehose does; a broken emulator or proxy may), and accepts
+/// everything after. Returns its address and the entries it accepted.
+async fn firehose_overcounting_failures() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (kept, calls_seen) = (accepted.clone(), calls.clone());
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (accepted, calls) = (kept.clone(), calls_seen.clone());
+            tokio::spawn(async move {
+                let mut socket = tokio::io::BufReader::new(socket);
+                while let Some(body) = read_request(&mut socket).await {
+                    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let entries: Vec<Vec<u8>> = request["Records"]
+                        .as_array()
+                        .map(|records| {
+                            records
+                                .iter()
+                                .map(|r| base64_decode(r["Data"].as_str().unwrap()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let first_call = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                    let responses: Vec<serde_json::Value> = entries
+                        .iter()
+                        .enumerate()
+                        .map(|(i, _)| {
+                            if first_call && i == 0 {
+                                serde_json::json!({"ErrorCode": "ServiceUnavailableException",
+                                                   "ErrorMessage": "slow down"})
+                            } else {
+                                serde_json::json!({"RecordId": format!("r{i}")})
+                            }
+                        })
+                        .collect();
+                    let failed = if first_call { 3 * entries.len() + 1 } else { 0 };
+                    {
+                        let mut accepted = accepted.lock().unwrap();
+                        let skip = usize::from(first_call);
+                        accepted.extend(entries.into_iter().skip(skip));
+                    }
+                    let answer = serde_json::json!({
+                        "FailedPutCount": failed,
+                        "Encrypted": false,
+                        "RequestResponses": responses,
+                    })
+                    .to_string();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                         x-amzn-RequestId: stub\r\nContent-Length: {}\r\n\r\n",
+                        answer.len()
+                    );
+                    let stream = socket.get_mut();
+                    stream.write_all(head.as_bytes()).await.unwrap();
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    (address, accepted)
+}
+
+/// One HTTP/1.1 request's body (by Content-Length), None at end of stream.
+async fn read_request(socket: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> Option<Vec<u8>> {
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if socket.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    socket.read_exact(&mut body).await.ok()?;
+    Some(body)
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut bits, mut count) = (0u32, 0);
+    for &c in text.as_bytes().iter().filter(|&&c| c != b'=') {
+        let value = ALPHABET.iter().position(|&a| a == c).expect("base64") as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    out
+}
+
+/// PutRecordBatch answered with a FailedPutCount over the entries sent: the
+/// consumer trusts the per-record responses, resends the one failed entry,
+/// and neither panics nor loses or doubles a line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_put_count_larger_than_the_batch_resends_only_the_failed_entry() {
+    let db = TestDb::migrated("archive_overcount").await;
+    let (stream, source) = create_stream("archive-overcount", 1).await;
+    let (firehose, accepted) = firehose_overcounting_failures().await;
+    let put = records(5, 50, base_ts());
+    source.put_records(&put).await.unwrap();
+    let mut worker = ConsumerProcess::start_with_env(
+        &db.url,
+        &stream,
+        "overcount-w1",
+        &["--archive-delivery-stream", "raw-stub"],
+        &[("AWS_ENDPOINT_URL_FIREHOSE", &firehose)],
+    );
+    let client = db.client().await;
+    assert_eq!(
+        wait_for_count(&client, SAMPLES, put.len() as i64, LAND_WITHIN).await,
+        put.len() as i64,
+        "rows land"
+    );
+    let mut lines = BTreeMap::new();
+    for line in accepted.lock().unwrap().iter() {
+        *lines
+            .entry(line.strip_suffix(b"\n").unwrap_or(line).to_vec())
+            .or_default() += 1;
+    }
+    assert_eq!(lines, expected_lines(&put), "each record accepted once");
+    assert!(worker.is_running(), "the worker exited");
     db.drop().await;
 }

@@ -38,9 +38,14 @@ async fn add(
     for ((seq, raw), result) in records.iter().zip(&decoded) {
         match result {
             Ok(reading) => segment.add_reading(reading, cache).unwrap(),
-            Err(error) => segment.add_dead_letter("s", seq, error, raw.as_bytes()),
+            Err(error) => segment.add_dead_letter("s", seq, None, error, raw.as_bytes()),
         }
-        segment.advance(seq, &bytes::Bytes::copy_from_slice(raw.as_bytes()));
+        segment.advance(
+            seq,
+            None,
+            true,
+            &bytes::Bytes::copy_from_slice(raw.as_bytes()),
+        );
     }
 }
 

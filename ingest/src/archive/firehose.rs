@@ -123,31 +123,33 @@ impl Archive {
                 .send()
                 .await;
             let cause = match sent {
-                Ok(output) if output.failed_put_count() == 0 => {
-                    let bytes: usize = pending.iter().map(Bytes::len).sum();
-                    metrics::counter!(m::ARCHIVE_RECORDS).increment(pending.len() as u64);
-                    metrics::counter!(m::ARCHIVE_BYTES).increment(bytes as u64);
-                    return;
-                }
                 Ok(output) => {
-                    // Keep only the entries that failed, in order.
                     let responses = output.request_responses();
-                    let accepted = pending.len() - output.failed_put_count() as usize;
-                    metrics::counter!(m::ARCHIVE_RECORDS).increment(accepted as u64);
-                    let first_error = responses
-                        .iter()
-                        .find_map(|r| r.error_code())
-                        .unwrap_or("unknown")
-                        .to_string();
+                    let errors: Vec<Option<&str>> =
+                        responses.iter().map(|r| r.error_code()).collect();
+                    let failed = failed_entries(pending.len(), output.failed_put_count(), &errors);
+                    let mut accepted_bytes = 0;
                     let mut index = 0;
-                    pending.retain(|_| {
-                        let failed = responses
-                            .get(index)
-                            .is_none_or(|r| r.error_code().is_some());
+                    pending.retain(|data| {
+                        let keep = failed[index];
                         index += 1;
-                        failed
+                        if !keep {
+                            accepted_bytes += data.len();
+                        }
+                        keep
                     });
-                    format!("{} entries failed ({first_error})", pending.len())
+                    let accepted = failed.len() - pending.len();
+                    metrics::counter!(m::ARCHIVE_RECORDS).increment(accepted as u64);
+                    metrics::counter!(m::ARCHIVE_BYTES).increment(accepted_bytes as u64);
+                    if pending.is_empty() {
+                        return;
+                    }
+                    let first_error = errors.iter().flatten().next().unwrap_or(&"unknown");
+                    format!(
+                        "{} entries failed ({first_error}; FailedPutCount {})",
+                        pending.len(),
+                        output.failed_put_count()
+                    )
                 }
                 Err(error) => match error.code() {
                     Some(code) => format!("{code}: {}", error.message().unwrap_or_default()),
@@ -160,6 +162,20 @@ impl Archive {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Which of the `sent` entries failed, from PutRecordBatch's answer. The
+/// per-record responses decide, in order, one per entry sent: they name each
+/// failure, while `FailedPutCount` is only a total (and one that disagrees
+/// with them, or exceeds what was sent, is not trusted). Without one response
+/// per entry the count alone can say only whether some failed, not which:
+/// then every entry is resent (the archive is at least once, never lossy).
+fn failed_entries(sent: usize, failed_put_count: i32, errors: &[Option<&str>]) -> Vec<bool> {
+    if errors.len() == sent {
+        return errors.iter().map(Option::is_some).collect();
+    }
+    let any_failed = failed_put_count != 0 || errors.iter().any(Option::is_some);
+    vec![any_failed; sent]
 }
 
 /// A record as one archive line: newlines inside become spaces, one ends it.
@@ -199,6 +215,26 @@ mod tests {
             line(&Bytes::from_static(b"{\"a\":\n1}")),
             Bytes::from_static(b"{\"a\": 1}\n")
         );
+    }
+
+    #[test]
+    fn the_per_record_responses_decide_which_entries_failed() {
+        let ok = None;
+        let throttled = Some("ServiceUnavailableException");
+        // A count larger than what was sent (an emulator's, or a wrong one):
+        // no underflow, the responses say which one failed.
+        assert_eq!(
+            failed_entries(3, 7, &[ok, throttled, ok]),
+            [false, true, false]
+        );
+        // A count of 0 with a failure in the responses: the failure is resent.
+        assert_eq!(failed_entries(2, 0, &[throttled, ok]), [true, false]);
+        assert_eq!(failed_entries(2, 0, &[ok, ok]), [false, false]);
+        // No response per entry: which failed is unknown, so all are resent.
+        assert_eq!(failed_entries(3, 1, &[]), [true, true, true]);
+        assert_eq!(failed_entries(2, 5, &[throttled]), [true, true]);
+        assert_eq!(failed_entries(2, 0, &[]), [false, false]);
+        assert_eq!(failed_entries(2, -1, &[ok, ok]), [false, false]);
     }
 
     #[test]

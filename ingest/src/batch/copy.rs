@@ -54,6 +54,18 @@ impl<'a> TupleWriter<'a> {
         self
     }
 
+    /// An `int8` value, or NULL (length -1, no bytes).
+    pub fn nullable_int8(&mut self, value: Option<i64>) -> &mut Self {
+        match value {
+            Some(value) => {
+                self.buf.put_i32(8);
+                self.buf.put_i64(value);
+            }
+            None => self.buf.put_i32(-1),
+        }
+        self
+    }
+
     pub fn float8(&mut self, value: f64) -> &mut Self {
         self.buf.put_i32(8);
         self.buf.put_f64(value);
@@ -109,6 +121,17 @@ mod tests {
         expected.extend_from_slice(&[0, 0, 0, 8]);
         expected.extend_from_slice(&1.5f64.to_be_bytes());
         assert_eq!(&buf[..], &expected[..]);
+
+        let mut buf = BytesMut::new();
+        TupleWriter::start(&mut buf, 2)
+            .nullable_int8(Some(258))
+            .nullable_int8(None);
+        assert_eq!(
+            &buf[..],
+            &[
+                0, 2, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 1, 2, 0xff, 0xff, 0xff, 0xff
+            ]
+        );
 
         let mut buf = BytesMut::new();
         TupleWriter::start(&mut buf, 2).text("hé").jsonb("{}");

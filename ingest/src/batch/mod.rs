@@ -12,8 +12,8 @@ pub mod series;
 use std::time::{Duration, Instant};
 
 pub use segment::{
-    RecordMark, RecordTuples, SealedSegment, Segment, UnknownSeries, encode_dead_letter,
-    missing_series,
+    DeadLetterKey, RecordMark, RecordTuples, SealedSegment, Segment, UnknownSeries,
+    encode_dead_letter, missing_series,
 };
 pub use series::{CacheStats, NewSeriesLimit, SeriesCache, SeriesKey};
 
@@ -157,9 +157,13 @@ mod tests {
         );
 
         let dead = |batch: &mut Batch, shard: &str, raw: &[u8]| {
-            batch
-                .segment(shard, 1, start)
-                .add_dead_letter("s", "1", &DecodeError::NoFields, raw)
+            batch.segment(shard, 1, start).add_dead_letter(
+                "s",
+                "1",
+                None,
+                &DecodeError::NoFields,
+                raw,
+            )
         };
         dead(&mut batch, "a", b"x");
         dead(&mut batch, "b", b"y");

@@ -19,6 +19,10 @@ pub struct Segment {
     pub lease_counter: i64,
     /// Sequence number of the last record in this segment: the new checkpoint.
     pub last_sequence: Option<String>,
+    /// When the segment ends inside a KPL aggregate: the last user record
+    /// of it in the segment (the checkpoint's sub-sequence). None: the
+    /// record at `last_sequence` is done whole.
+    pub last_sub_sequence: Option<i64>,
     /// The shard was read to its end: the lease is marked ended on commit.
     pub ended: bool,
     /// How far behind the shard's tip the latest records were read.
@@ -35,7 +39,7 @@ pub struct Segment {
     events: BytesMut,
     event_rows: usize,
     /// Tuples for ingest.dead_letters (stream, shard_id, sequence_number,
-    /// reason_kind, reason, raw).
+    /// sub_sequence, reason_kind, reason, raw).
     dead_letters: BytesMut,
     dead_letter_rows: usize,
 }
@@ -45,6 +49,8 @@ pub struct Segment {
 #[derive(Debug, Clone)]
 pub struct RecordMark {
     pub sequence_number: String,
+    /// The user record's place in its KPL aggregate; None for a plain record.
+    pub sub_sequence: Option<i64>,
     pub raw: Bytes,
     /// Bytes of (samples, events, dead letters) tuples up to and with this record.
     ends: [usize; 3],
@@ -63,6 +69,7 @@ impl Segment {
             shard_id: shard_id.to_string(),
             lease_counter,
             last_sequence: None,
+            last_sub_sequence: None,
             ended: false,
             millis_behind_latest: None,
             records: 0,
@@ -115,17 +122,20 @@ impl Segment {
         Ok(())
     }
 
-    /// Encodes a record that could not be decoded, with its reason.
+    /// Encodes a record that could not be decoded, with its reason;
+    /// `sub_sequence` names a user record inside a KPL aggregate.
     pub fn add_dead_letter(
         &mut self,
         stream: &str,
         sequence_number: &str,
+        sub_sequence: Option<i64>,
         error: &DecodeError,
         raw: &[u8],
     ) {
         self.add_refused(
             stream,
             sequence_number,
+            sub_sequence,
             error.kind(),
             &error.to_string(),
             raw,
@@ -138,15 +148,19 @@ impl Segment {
         &mut self,
         stream: &str,
         sequence_number: &str,
+        sub_sequence: Option<i64>,
         kind: &str,
         reason: &str,
         raw: &[u8],
     ) {
         encode_dead_letter(
             &mut self.dead_letters,
-            stream,
-            &self.shard_id,
-            sequence_number,
+            DeadLetterKey {
+                stream,
+                shard_id: &self.shard_id,
+                sequence_number,
+                sub_sequence,
+            },
             kind,
             reason,
             raw,
@@ -154,13 +168,23 @@ impl Segment {
         self.dead_letter_rows += 1;
     }
 
-    /// Moves the segment's checkpoint to `sequence_number`, the record just
-    /// added (whose bytes were `raw`), and marks where its tuples end.
-    pub fn advance(&mut self, sequence_number: &str, raw: &Bytes) {
+    /// Moves the segment's checkpoint to the record just added (whose bytes
+    /// were `raw`) and marks where its tuples end. `sub_sequence` names a
+    /// user record of a KPL aggregate; the checkpoint keeps it unless the
+    /// record `ends_record` (then the Kinesis record is done whole).
+    pub fn advance(
+        &mut self,
+        sequence_number: &str,
+        sub_sequence: Option<i64>,
+        ends_record: bool,
+        raw: &Bytes,
+    ) {
         self.records += 1;
         self.last_sequence = Some(sequence_number.to_string());
+        self.last_sub_sequence = if ends_record { None } else { sub_sequence };
         self.marks.push(RecordMark {
             sequence_number: sequence_number.to_string(),
+            sub_sequence,
             raw: raw.clone(),
             ends: [
                 self.samples.len(),
@@ -189,6 +213,7 @@ impl Segment {
             shard_id: self.shard_id,
             lease_counter: self.lease_counter,
             last_sequence: self.last_sequence,
+            last_sub_sequence: self.last_sub_sequence,
             ended: self.ended,
             millis_behind_latest: self.millis_behind_latest,
             records: self.records,
@@ -210,6 +235,8 @@ pub struct SealedSegment {
     pub lease_counter: i64,
     /// The new checkpoint; None when the segment only marks the end of the shard.
     pub last_sequence: Option<String>,
+    /// The checkpoint's sub-sequence: set when it is inside a KPL aggregate.
+    pub last_sub_sequence: Option<i64>,
     /// Mark the lease ended on commit.
     pub ended: bool,
     /// Recorded with the checkpoint, for `ingest status`.
@@ -263,21 +290,30 @@ impl SealedSegment {
     }
 }
 
+/// Which record a dead letter is: the shard's record and, for a user record
+/// of a KPL aggregate, its sub-sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetterKey<'a> {
+    pub stream: &'a str,
+    pub shard_id: &'a str,
+    pub sequence_number: &'a str,
+    pub sub_sequence: Option<i64>,
+}
+
 /// Appends one ingest.dead_letters tuple (stream, shard_id, sequence_number,
-/// reason_kind, reason, raw) to `buf`.
+/// sub_sequence, reason_kind, reason, raw) to `buf`.
 pub fn encode_dead_letter(
     buf: &mut BytesMut,
-    stream: &str,
-    shard_id: &str,
-    sequence_number: &str,
+    key: DeadLetterKey<'_>,
     kind: &str,
     reason: &str,
     raw: &[u8],
 ) {
-    TupleWriter::start(buf, 6)
-        .text(stream)
-        .text(shard_id)
-        .text(sequence_number)
+    TupleWriter::start(buf, 7)
+        .text(key.stream)
+        .text(key.shard_id)
+        .text(key.sequence_number)
+        .nullable_int8(key.sub_sequence)
         .text(kind)
         .text(reason)
         .bytea(raw);
@@ -355,7 +391,7 @@ mod tests {
         );
         assert!(missing_series([&r], &mut cache).is_empty());
         segment.add_reading(&r, &mut cache).unwrap();
-        segment.advance("42", &Bytes::from_static(b"raw"));
+        segment.advance("42", None, true, &Bytes::from_static(b"raw"));
         assert_eq!(segment.rows(), (2, 1, 0));
         assert_eq!(segment.last_sequence.as_deref(), Some("42"));
         // Two samples of 2 + 3 * 4 + 8 + 4 + 8 bytes.
@@ -380,13 +416,13 @@ mod tests {
         segment
             .add_reading(&reading("d1", &["a"]), &mut cache)
             .unwrap();
-        segment.advance("1", &Bytes::from_static(b"one"));
-        segment.add_dead_letter("s", "2", &DecodeError::NoFields, b"two");
-        segment.advance("2", &Bytes::from_static(b"two"));
+        segment.advance("1", None, true, &Bytes::from_static(b"one"));
+        segment.add_dead_letter("s", "2", None, &DecodeError::NoFields, b"two");
+        segment.advance("2", None, true, &Bytes::from_static(b"two"));
         segment
             .add_reading(&reading("d1", &["a", "b"]), &mut cache)
             .unwrap();
-        segment.advance("3", &Bytes::from_static(b"three"));
+        segment.advance("3", None, true, &Bytes::from_static(b"three"));
         let sealed = segment.seal();
 
         let marks: Vec<(&str, &[u8])> = sealed

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::ConsumerConfig;
-use super::chunk::Chunk;
+use super::chunk::{Chunk, Committed};
 use super::shard::{ShardStopped, ShardTask};
 use super::writer::{Writer, WriterError, WriterEvent};
 use crate::archive::Archive;
@@ -152,7 +152,9 @@ pub async fn run(
         first_start: match &config.start {
             StartPosition::Latest => FirstStart::Latest,
             StartPosition::AtTimestamp(at) => FirstStart::At(*at),
-            StartPosition::TrimHorizon | StartPosition::AfterSequence(_) => FirstStart::TrimHorizon,
+            StartPosition::TrimHorizon
+            | StartPosition::AfterSequence(_)
+            | StartPosition::AtSequence(_) => FirstStart::TrimHorizon,
         },
     };
 
@@ -317,6 +319,7 @@ impl Coordinator {
                 counter: r.lease_counter,
                 checkpoint: None,
                 start_at: None,
+                checkpoint_sub: None,
             })
             .collect();
         let still_held = self.store.renew(client, &held).await?;
@@ -354,7 +357,16 @@ impl Coordinator {
             .shards
             .get(&lease.shard_id)
             .is_none_or(|s| !s.parent_shard_ids.is_empty());
+        let committed = match (&lease.checkpoint, lease.checkpoint_sub) {
+            (Some(sequence), Some(sub_sequence)) => Some(Committed {
+                sequence_number: sequence.clone(),
+                sub_sequence,
+            }),
+            _ => None,
+        };
         let start = match &lease.checkpoint {
+            // Inside a KPL aggregate: read it again, skipping what is committed.
+            Some(sequence) if committed.is_some() => StartPosition::AtSequence(sequence.clone()),
             Some(sequence) => StartPosition::AfterSequence(sequence.clone()),
             // A child's first records were written before anyone read it. A
             // shard missing from this worker's (older) list is a new child too.
@@ -380,13 +392,14 @@ impl Coordinator {
                 writer
             }
         };
-        tracing::info!(shard = %lease.shard_id, lease_counter = lease.counter, ?start, writer, "reading shard");
+        tracing::info!(shard = %lease.shard_id, lease_counter = lease.counter, ?start, ?committed, writer, "reading shard");
         let stop = CancellationToken::new();
         let task = ShardTask {
             shard_id: lease.shard_id.clone(),
             lease_counter: lease.counter,
             source: self.source.clone(),
             start,
+            committed,
             options: self.config.reader.clone(),
             archive: self.archive.clone(),
             decoder: Decoder::new(self.config.decode),

@@ -19,6 +19,6 @@ mod coordinator;
 mod shard;
 mod writer;
 
-pub use chunk::{Chunk, Item, decode_records};
+pub use chunk::{Chunk, Committed, Item, decode_records};
 pub use config::ConsumerConfig;
 pub use coordinator::run;

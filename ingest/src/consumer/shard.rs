@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::chunk::{Chunk, decode_records};
+use super::chunk::{Chunk, Committed, decode_records};
 use crate::archive::Archive;
 use crate::decode::{Decoder, TimeWindow, now_micros};
 use crate::metrics as m;
@@ -26,8 +26,11 @@ pub struct ShardTask {
     pub shard_id: String,
     pub lease_counter: i64,
     pub source: KinesisSource,
-    /// Where reading starts: after the checkpoint, or the start position.
+    /// Where reading starts: after the checkpoint, at it (inside a KPL
+    /// aggregate), or the start position.
     pub start: StartPosition,
+    /// User records of the aggregate at the checkpoint already committed.
+    pub committed: Option<Committed>,
     pub options: ReaderOptions,
     /// Where raw records go before they may reach the writer (and so before
     /// their checkpoint can move); None: no archive.
@@ -71,13 +74,6 @@ impl ShardTask {
                     records,
                     millis_behind_latest,
                 } => {
-                    if let Some(archive) = &self.archive {
-                        let raw: Vec<Bytes> = records.iter().map(|r| r.data.clone()).collect();
-                        tokio::select! {
-                            () = self.stop.cancelled() => return Ok(()),
-                            () = archive.put(&raw) => {}
-                        }
-                    }
                     let bytes: usize = records.iter().map(|r| r.data.len()).sum();
                     metrics::counter!(m::RECORDS_READ, "shard" => self.shard_id.clone())
                         .increment(records.len() as u64);
@@ -86,15 +82,26 @@ impl ShardTask {
                         metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => self.shard_id.clone())
                             .set(behind as f64);
                     }
+                    let items = decode_records(
+                        &mut self.decoder,
+                        self.window,
+                        now_micros(),
+                        records,
+                        self.committed.as_ref(),
+                    );
+                    if let Some(archive) = &self.archive {
+                        // User records, not aggregates: one JSON document per
+                        // line, as Firehose itself de-aggregates KPL records.
+                        let raw: Vec<Bytes> = items.iter().map(|item| item.raw.clone()).collect();
+                        tokio::select! {
+                            () = self.stop.cancelled() => return Ok(()),
+                            () = archive.put(&raw) => {}
+                        }
+                    }
                     Chunk {
                         shard_id: self.shard_id.clone(),
                         lease_counter: self.lease_counter,
-                        items: decode_records(
-                            &mut self.decoder,
-                            self.window,
-                            now_micros(),
-                            records,
-                        ),
+                        items,
                         end_of_shard: false,
                         millis_behind_latest,
                     }

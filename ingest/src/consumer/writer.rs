@@ -119,17 +119,17 @@ impl Writer {
         }
         let refused = self.resolve_series_of(&chunk).await?;
 
-        let segment = self
-            .batch
-            .segment(&chunk.shard_id, chunk.lease_counter, Instant::now());
-        for (item, refused) in chunk.items.iter().zip(&refused) {
+        let lease = (chunk.shard_id.clone(), chunk.lease_counter);
+        for (index, (item, refused)) in chunk.items.iter().zip(&refused).enumerate() {
+            let segment = self.batch.segment(&lease.0, lease.1, Instant::now());
             match (&item.decoded, refused) {
                 (Ok(_), Some(reason)) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => SERIES_LIMIT).increment(1);
-                    tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, %reason, "dead letter");
+                    tracing::debug!(shard = %lease.0, sequence = %item.sequence_number, sub_sequence = ?item.sub_sequence, %reason, "dead letter");
                     segment.add_refused(
                         &self.stream,
                         &item.sequence_number,
+                        item.sub_sequence,
                         SERIES_LIMIT,
                         reason,
                         &item.raw,
@@ -140,12 +140,33 @@ impl Writer {
                     .expect("every series of the chunk was just resolved"),
                 (Err(error), _) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => error.kind()).increment(1);
-                    tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, %error, "dead letter");
-                    segment.add_dead_letter(&self.stream, &item.sequence_number, error, &item.raw);
+                    tracing::debug!(shard = %lease.0, sequence = %item.sequence_number, sub_sequence = ?item.sub_sequence, %error, "dead letter");
+                    segment.add_dead_letter(
+                        &self.stream,
+                        &item.sequence_number,
+                        item.sub_sequence,
+                        error,
+                        &item.raw,
+                    );
                 }
             }
-            segment.advance(&item.sequence_number, &item.raw);
+            segment.advance(
+                &item.sequence_number,
+                item.sub_sequence,
+                item.ends_record,
+                &item.raw,
+            );
+            // A batch may end inside a chunk, and so inside a KPL aggregate
+            // (the checkpoint then holds the sub-sequence): its limits hold
+            // however many user records one Kinesis record carries.
+            if index + 1 < chunk.items.len() && self.batch.is_due(&self.policy, Instant::now()) {
+                self.flush().await?;
+                if self.lost.contains(&lease) {
+                    return Ok(());
+                }
+            }
         }
+        let segment = self.batch.segment(&lease.0, lease.1, Instant::now());
         segment.ended |= chunk.end_of_shard;
         if chunk.millis_behind_latest.is_some() {
             segment.millis_behind_latest = chunk.millis_behind_latest;

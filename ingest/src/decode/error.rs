@@ -145,6 +145,12 @@ pub enum DecodeError {
         /// Byte offset of the `{` or `[` that went past the limit.
         at: usize,
     },
+
+    /// A KPL aggregate (`crate::kpl`) that cannot be taken apart: its MD5
+    /// does not match, its protobuf is malformed, or it holds no record. The
+    /// whole aggregate is the dead letter: none of its records can be trusted.
+    #[error("{0}")]
+    BadAggregate(#[from] crate::kpl::KplError),
 }
 
 impl DecodeError {
@@ -170,6 +176,7 @@ impl DecodeError {
             Self::NulInEvent { .. } => "nul_in_event",
             Self::NoFields => "no_fields",
             Self::TooDeep { .. } => "too_deep",
+            Self::BadAggregate(_) => "bad_aggregate",
         }
     }
 }
@@ -278,6 +285,11 @@ mod tests {
                 DecodeError::TooDeep { limit: 32, at: 40 },
                 "too_deep",
                 "JSON nesting is deeper than the 32-level limit (at byte 40)",
+            ),
+            (
+                DecodeError::BadAggregate(crate::kpl::KplError::ChecksumMismatch),
+                "bad_aggregate",
+                "KPL aggregate's MD5 does not match its contents",
             ),
         ];
         for (err, kind, display) in rows {

@@ -17,6 +17,9 @@ pub struct HeldLease {
     pub counter: i64,
     /// Where reading resumes (after this sequence number); None: from the start position.
     pub checkpoint: Option<String>,
+    /// Set when a batch ended inside the KPL aggregate at `checkpoint`: its
+    /// user records up to this one are committed, so reading resumes at it.
+    pub checkpoint_sub: Option<i64>,
     /// Where a shard without a checkpoint starts (AT_TIMESTAMP), fixed when
     /// its lease was first taken; None: trim horizon.
     pub start_at: Option<SystemTime>,
@@ -227,7 +230,7 @@ impl LeaseStore {
                          expires_at = now() + make_interval(secs => $3), updated_at = now(),
                          {FIRST_START}
                      FROM free WHERE l.stream = $1 AND l.shard_id = free.shard_id
-                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.start_at"
+                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.checkpoint_sub, l.start_at"
                 ),
                 &[
                     &self.stream,
@@ -264,7 +267,7 @@ impl LeaseStore {
                          expires_at = now() + make_interval(secs => $3), updated_at = now(),
                          {FIRST_START}
                      FROM one WHERE l.stream = $1 AND l.shard_id = one.shard_id
-                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.start_at"
+                     RETURNING l.shard_id, l.lease_counter, l.checkpoint, l.checkpoint_sub, l.start_at"
                 ),
                 &[
                     &self.stream,
@@ -307,6 +310,7 @@ fn held_lease(row: &tokio_postgres::Row) -> HeldLease {
         shard_id: row.get(0),
         counter: row.get(1),
         checkpoint: row.get(2),
-        start_at: row.get(3),
+        checkpoint_sub: row.get(3),
+        start_at: row.get(4),
     }
 }

@@ -25,7 +25,7 @@ use super::SinkError;
 use super::commit::{
     COPY_DEAD_LETTERS, COPY_EVENTS, COPY_SAMPLES, Outcome, copy_in, move_checkpoints,
 };
-use crate::batch::{SealedSegment, encode_dead_letter};
+use crate::batch::{DeadLetterKey, SealedSegment, encode_dead_letter};
 
 /// `reason_kind` of a record the database refused.
 pub const DATABASE_REFUSED: &str = "database_refused";
@@ -105,9 +105,12 @@ pub async fn write_batch_bisecting(
                     let reason = error.refusal();
                     encode_dead_letter(
                         &mut letters,
-                        stream,
-                        &segment.shard_id,
-                        &mark.sequence_number,
+                        DeadLetterKey {
+                            stream,
+                            shard_id: &segment.shard_id,
+                            sequence_number: &mark.sequence_number,
+                            sub_sequence: mark.sub_sequence,
+                        },
                         DATABASE_REFUSED,
                         &reason,
                         &mark.raw,

@@ -18,7 +18,8 @@ pub(super) const COPY_SAMPLES: &str =
 pub(super) const COPY_EVENTS: &str =
     "COPY telemetry.events (time, house, device, kind, body) FROM STDIN (FORMAT binary)";
 pub(super) const COPY_DEAD_LETTERS: &str = "COPY ingest.dead_letters \
-     (stream, shard_id, sequence_number, reason_kind, reason, raw) FROM STDIN (FORMAT binary)";
+     (stream, shard_id, sequence_number, sub_sequence, reason_kind, reason, raw) \
+     FROM STDIN (FORMAT binary)";
 
 /// How a batch ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -98,26 +99,32 @@ pub(super) async fn move_checkpoints(
         .iter()
         .map(|s| s.last_sequence.as_deref())
         .collect();
+    let subs: Vec<Option<i64>> = segments.iter().map(|s| s.last_sub_sequence).collect();
     let ended: Vec<bool> = segments.iter().map(|s| s.ended).collect();
     let behind: Vec<Option<i64>> = segments.iter().map(|s| s.millis_behind_latest).collect();
     let moved = transaction
         .query(
             "UPDATE ingest.shard_leases l
              SET checkpoint = coalesce(v.seq, l.checkpoint),
+                 checkpoint_sub = CASE WHEN v.seq IS NULL THEN l.checkpoint_sub ELSE v.sub END,
                  ended = l.ended OR v.ended,
                  millis_behind_latest = coalesce(v.behind, l.millis_behind_latest),
                  -- An ended shard has nothing more to read: free its lease.
                  owner = CASE WHEN v.ended THEN NULL ELSE l.owner END,
                  expires_at = CASE WHEN v.ended THEN NULL ELSE l.expires_at END,
                  updated_at = now()
-             FROM unnest($3::text[], $4::int8[], $5::text[], $6::bool[], $7::int8[])
-                  AS v(shard_id, counter, seq, ended, behind)
+             FROM unnest($3::text[], $4::int8[], $5::text[], $6::bool[], $7::int8[], $8::int8[])
+                  AS v(shard_id, counter, seq, ended, behind, sub)
              WHERE l.stream = $1 AND l.shard_id = v.shard_id
                AND l.owner = $2 AND l.lease_counter = v.counter
-               AND (v.seq IS NULL OR l.checkpoint IS NULL OR l.checkpoint::numeric < v.seq::numeric)
+               -- Forwards only, by (sequence, sub-sequence); a NULL sub-sequence
+               -- (the record done whole) comes after all of its user records.
+               AND (v.seq IS NULL OR l.checkpoint IS NULL
+                    OR (l.checkpoint::numeric, coalesce(l.checkpoint_sub, 9223372036854775807))
+                     < (v.seq::numeric, coalesce(v.sub, 9223372036854775807)))
              RETURNING l.shard_id",
             &[
-                &stream, &owner, &shard_ids, &counters, &sequences, &ended, &behind,
+                &stream, &owner, &shard_ids, &counters, &sequences, &ended, &behind, &subs,
             ],
         )
         .await

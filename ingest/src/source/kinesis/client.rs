@@ -190,6 +190,9 @@ impl KinesisSource {
             .set_stream_arn(arn)
             .shard_id(shard_id);
         let request = match position {
+            StartPosition::AtSequence(sequence) => request
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                .starting_sequence_number(sequence),
             StartPosition::AfterSequence(sequence) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                 .starting_sequence_number(sequence),

@@ -53,6 +53,9 @@ impl ShardInfo {
 pub enum StartPosition {
     /// Just after this sequence number: resuming from a checkpoint.
     AfterSequence(String),
+    /// At this sequence number: resuming inside a KPL aggregate, part of
+    /// whose user records were committed.
+    AtSequence(String),
     /// The oldest record still retained: a new shard, or a first run.
     TrimHorizon,
     /// Only records put from now on.
