@@ -233,11 +233,6 @@ impl Uploads {
         }))
     }
 
-    /// How many transfers are held.
-    pub fn len(&self) -> usize {
-        self.transfers.len()
-    }
-
     /// Drops the transfers not continued within [`UPLOAD_LIFETIME`].
     pub fn expire(&mut self, now: Instant) {
         let mut freed = 0;
@@ -357,21 +352,22 @@ mod tests {
             step(&mut uploads, 2, false, "end"),
             format!("complete {sixteen}{sixteen}end")
         );
-        assert_eq!((uploads.len(), uploads.held), (0, 0));
+        assert_eq!((uploads.transfers.len(), uploads.held), (0, 0));
 
         // A gap: 4.08, and the transfer is gone.
         assert_eq!(step(&mut uploads, 0, true, &sixteen), "2.31");
         assert_eq!(step(&mut uploads, 2, true, &sixteen), "4.08");
         assert_eq!(step(&mut uploads, 3, false, "x"), "4.08");
-        assert_eq!((uploads.len(), uploads.held), (0, 0));
+        assert_eq!((uploads.transfers.len(), uploads.held), (0, 0));
         // Over the limit (64 bytes): 4.13 with Size1 and a Block1 size.
         for num in 0..4 {
             assert_eq!(step(&mut uploads, num, true, &sixteen), "2.31");
         }
         let refused = uploads.receive(key(1), block(4, false), None, b"x", 64, now);
-        let Err(("too_large", reply)) = refused else {
-            panic!("{refused:?}")
+        let Err((reason, reply)) = refused else {
+            panic!("block 4 was taken")
         };
+        assert_eq!(reason, "too_large");
         let echo = Block {
             num: 4,
             more: false,
@@ -383,7 +379,7 @@ mod tests {
         let suggested = |limit| too_large(limit, None, "").block1.map(|b| (b.num, b.szx));
         assert_eq!(suggested(16384), Some((0, 6)));
         assert_eq!(suggested(100), Some((0, 2)));
-        assert_eq!((uploads.len(), uploads.held), (0, 0));
+        assert_eq!((uploads.transfers.len(), uploads.held), (0, 0));
         // Announced too large by Size1: refused at once.
         let refused = uploads.receive(
             key(1),
@@ -416,11 +412,11 @@ mod tests {
             let got = uploads.receive(key(port), block(0, true), None, &sixteen, 64, now);
             assert_eq!(code(got), "2.31");
         }
-        assert_eq!(uploads.len(), 2);
+        assert_eq!(uploads.transfers.len(), 2);
         uploads.expire(now + UPLOAD_LIFETIME / 2);
-        assert_eq!(uploads.len(), 2);
+        assert_eq!(uploads.transfers.len(), 2);
         uploads.expire(now + UPLOAD_LIFETIME);
-        assert_eq!((uploads.len(), uploads.held), (0, 0));
+        assert_eq!((uploads.transfers.len(), uploads.held), (0, 0));
     }
 
     #[test]
