@@ -401,3 +401,46 @@ pub fn by_key(records: &[Record]) -> HashMap<String, Vec<String>> {
     }
     keys
 }
+
+/// POSTs `payload` (JSON) to `uri` with aiocoap, through `coap_post.py`
+/// beside this file in the stack's Python: aiocoap sends anything over
+/// 1024 bytes block-wise (RFC 7959 Block1). Returns the final response as
+/// `{"code", "size1", "block1": [num, more, szx], "payload"}`.
+pub async fn aiocoap_post(uri: &str, payload: &[u8]) -> serde_json::Value {
+    let stack = std::env::var("INGEST_STACK_DIR")
+        .unwrap_or_else(|_| panic!("INGEST_STACK_DIR is not set: {START_HINT}"));
+    let python = PathBuf::from(stack).join("venv/bin/python");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/coap_post.py");
+    let file = tempfile_with(payload);
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&python)
+            .arg(&script)
+            .arg(uri)
+            .arg(&file)
+            .output(),
+    )
+    .await
+    .expect("coap_post.py finishes within 120 s")
+    .unwrap_or_else(|error| panic!("cannot run {}: {error}; {START_HINT}", python.display()));
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "coap_post.py {uri} failed ({}): {}; the stack's venv may lack aiocoap \
+         (dev/aws/requirements.txt): {START_HINT}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|error| panic!("coap_post.py printed {stdout:?}: {error}"))
+}
+
+/// A file in the temporary folder holding `bytes`, named uniquely.
+pub fn tempfile_with(bytes: &[u8]) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("ingest-coap-{}-{n}", std::process::id()));
+    std::fs::write(&path, bytes).expect("a temporary file");
+    path
+}

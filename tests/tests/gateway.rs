@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use tests::consumer::create_stream;
 use tests::gateway::{
-    CoapPeer, GatewayProcess, by_key, coap_client, code, mosquitto_pub, post, read_stream, request,
-    text,
+    CoapPeer, GatewayProcess, aiocoap_post, by_key, coap_client, code, mosquitto_pub, post,
+    read_stream, request, text,
 };
 use tests::proxy::{TcpProxy, host_port};
 
@@ -323,8 +323,8 @@ async fn bad_requests_get_their_codes_and_nothing_is_put() {
         (body(&[b'x'; 2000]), "4.13", "2000 bytes"),
         (
             with(body(br#"{"v":1}"#), CoapOption::Block1, &[0x0e]),
-            "4.13",
-            "block-wise",
+            "4.00",
+            "block 0 has 7 bytes for a block size of 1024",
         ),
         (
             with(body(br#"{"v":1}"#), CoapOption::ContentFormat, &[0]),
@@ -362,6 +362,11 @@ async fn bad_requests_get_their_codes_and_nothing_is_put() {
             assert_eq!(
                 answer.get_first_option(CoapOption::Size1),
                 Some(&vec![4, 0])
+            );
+            // Block1 suggests 1024-byte blocks (SZX 6).
+            assert_eq!(
+                answer.get_first_option(CoapOption::Block1),
+                Some(&vec![0x06])
             );
         }
     }
@@ -432,7 +437,8 @@ async fn bad_requests_get_their_codes_and_nothing_is_put() {
         ("not_found", 3.0),
         ("method_not_allowed", 3.0),
         ("bad_payload", 8.0),
-        ("too_large", 2.0),
+        ("too_large", 1.0),
+        ("bad_block", 1.0),
         ("unsupported_format", 1.0),
         ("bad_option", 1.0),
         ("malformed", 1.0),
@@ -475,6 +481,229 @@ fn signed_path(
     let sig =
         ingest::gateway::auth::sign(key, "POST", house, device, time, nonce, payload.as_bytes());
     format!("/t/{house}/{device}?time={time}&nonce={nonce}&sig={sig}")
+}
+
+/// A JSON object of exactly `size` bytes: `{"v":<v>,"note":"xx..."}`.
+fn padded_json(v: usize, size: usize) -> String {
+    let head = format!(r#"{{"v":{v},"note":""#);
+    let pad = size - head.len() - 2;
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiocoap_sends_1_4_and_16_kib_block_wise_and_each_lands_once() {
+    let (stream, source) = create_stream("gw-blockwise", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let url = format!("coap://{}/t/h1/dev-big", gateway.coap);
+    let sizes = [1024, 4096, 16 * 1024];
+    for (v, size) in sizes.into_iter().enumerate() {
+        let answer = aiocoap_post(&url, padded_json(v, size).as_bytes()).await;
+        assert_eq!(answer["code"], "2.04", "{size} bytes: {answer}");
+    }
+    // aiocoap sent 1024 bytes whole and the others in 1024-byte blocks:
+    // 3 and 15 of them answered 2.31 Continue.
+    let continued = gateway.metric("ingest_gateway_coap_requests_total", &[r#"code="2.31""#]);
+    assert_eq!(continued, 18.0);
+
+    // Over the limit (16 KiB): 4.13 with the limit in Size1, at the first
+    // block (aiocoap announces the whole size in Size1). aiocoap hides the
+    // Block1 of the answer; the raw test below checks it.
+    let over = aiocoap_post(&url, padded_json(9, 16 * 1024 + 1).as_bytes()).await;
+    assert_eq!(over["code"], "4.13", "{over}");
+    assert_eq!(over["size1"], 16 * 1024, "{over}");
+
+    let records = read_stream(&source, 3, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(
+        records.len(),
+        3,
+        "one record for each payload, none for the refused one"
+    );
+    for (v, size) in sizes.into_iter().enumerate() {
+        let sent = json(&padded_json(v, size));
+        let record = records
+            .iter()
+            .map(|r| json(&text(r)))
+            .find(|r| r["v"] == v)
+            .unwrap_or_else(|| panic!("no record with v={v}"));
+        assert_eq!(
+            record["note"], sent["note"],
+            "the {size}-byte payload whole"
+        );
+        assert_eq!(record["house"], "h1");
+    }
+    assert!(records.iter().all(|r| r.partition_key == "dev-big"));
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_are_deduplicated_in_order_and_only_a_whole_body_is_put() {
+    let (stream, source) = create_stream("gw-blocks", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    // 16-byte blocks (SZX 0): Block1 is NUM << 4 | M << 3 | SZX.
+    let body = br#"{"v":7,"note":"block-wise, sixteen bytes a block"}"#;
+    let chunks: Vec<&[u8]> = body.chunks(16).collect();
+    let block = |num: usize, message_id: u16| {
+        let more = num + 1 < chunks.len();
+        let mut packet = post("/t/h1/dev-blk", chunks[num], message_id);
+        packet.add_option(
+            CoapOption::Block1,
+            vec![((num as u8) << 4) | (u8::from(more) << 3)],
+        );
+        packet
+    };
+    let send = |packet: Packet| {
+        let peer = &peer;
+        async move {
+            peer.exchange(&packet, ANSWER_WITHIN)
+                .await
+                .expect("an answer")
+        }
+    };
+
+    // Block 0, then its retransmission: the same 2.31, counted a duplicate.
+    let first = send(block(0, 1)).await;
+    assert_eq!(code(&first), "2.31");
+    assert_eq!(
+        first.get_first_option(CoapOption::Block1),
+        Some(&vec![0x08])
+    );
+    assert_eq!(code(&send(block(0, 1)).await), "2.31");
+    assert_eq!(
+        gateway.metric("ingest_gateway_coap_duplicates_total", &[]),
+        1.0
+    );
+    // Announced over the limit by Size1: 4.13 with Size1 and a Block1
+    // naming the block and the size to use.
+    let mut announced = block(0, 30);
+    announced.add_option(CoapOption::Size1, vec![0x4e, 0x20]);
+    let over = send(announced).await;
+    assert_eq!(code(&over), "4.13");
+    assert_eq!(
+        over.get_first_option(CoapOption::Size1),
+        Some(&vec![0x40, 0x00])
+    );
+    assert_eq!(over.get_first_option(CoapOption::Block1), Some(&vec![]));
+    // A gap (block 2 after block 0): 4.08, and the transfer is dropped.
+    let gap = send(block(2, 2)).await;
+    assert_eq!(
+        code(&gap),
+        "4.08",
+        "{}",
+        String::from_utf8_lossy(&gap.payload)
+    );
+    assert_eq!(code(&send(block(1, 3)).await), "4.08");
+
+    // From the start, each block once, the last one retransmitted.
+    let mut id = 10;
+    for num in 0..chunks.len() - 1 {
+        assert_eq!(code(&send(block(num, id)).await), "2.31", "block {num}");
+        id += 1;
+    }
+    let last = chunks.len() - 1;
+    let done = send(block(last, id)).await;
+    assert_eq!(code(&done), "2.04");
+    assert_eq!(
+        done.get_first_option(CoapOption::Block1),
+        Some(&vec![(last as u8) << 4]),
+        "the last block's answer names it"
+    );
+    assert_eq!(code(&send(block(last, id)).await), "2.04");
+
+    // libcoap's client, block-wise too (-b 64).
+    let file = tests::gateway::tempfile_with(&padded_json(8, 300).into_bytes());
+    let url = format!("coap://{}/t/h1/dev-lib", gateway.coap);
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-b",
+        "64",
+        "-t",
+        "json",
+        "-f",
+        &file.display().to_string(),
+        &url,
+    ])
+    .await;
+    let _ = std::fs::remove_file(&file);
+    assert!(error_lines(&out).is_empty(), "{out}");
+    let continued = gateway.metric("ingest_gateway_coap_requests_total", &[r#"code="2.31""#]);
+    // 1 + 3 of the raw blocks (a retransmission is answered from the
+    // exchange cache, not counted), and 4 of libcoap's 5 blocks of 64 bytes.
+    assert_eq!(continued, 8.0);
+
+    let records = read_stream(&source, 2, ARRIVE_WITHIN, SETTLE).await;
+    let mut texts: Vec<Value> = records.iter().map(|r| json(&text(r))).collect();
+    texts.sort_by_key(|r| r["v"].as_i64());
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts[0]["note"], "block-wise, sixteen bytes a block");
+    assert_eq!(texts[1]["note"], json(&padded_json(8, 300))["note"]);
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_unknown_methods_elective_options_and_bare_payload_markers() {
+    let (stream, source) = create_stream("gw-rfc7252", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let get = |path: &str, accept: Option<u8>, message_id: u16| {
+        let mut packet = request(MessageType::Confirmable, RequestType::Get, path, message_id);
+        if let Some(format) = accept {
+            packet.add_option(CoapOption::Accept, vec![format]);
+        }
+        packet
+    };
+    let answer = |packet: Packet| {
+        let peer = &peer;
+        async move {
+            peer.exchange(&packet, ANSWER_WITHIN)
+                .await
+                .expect("an answer")
+        }
+    };
+
+    // Accept is honoured: each resource answers in its format or 4.06.
+    assert_eq!(code(&answer(get("/health", Some(50), 1)).await), "4.06");
+    assert_eq!(
+        code(&answer(get("/.well-known/core", Some(60), 2)).await),
+        "4.06"
+    );
+    assert_eq!(
+        code(&answer(get("/.well-known/core", Some(40), 3)).await),
+        "2.05"
+    );
+    let health = answer(get("/health", Some(0), 4)).await;
+    assert_eq!(code(&health), "2.05");
+    // Max-Age 0 (an empty value): never served from a cache.
+    assert_eq!(health.get_first_option(CoapOption::MaxAge), Some(&vec![]));
+
+    // A method code CoAP does not define (0.08): 4.05, not a reset.
+    let mut unknown = post("/t/h1/d1", br#"{"v":1}"#, 5);
+    unknown.header.code = MessageClass::Reserved(0x08);
+    let refused = answer(unknown).await;
+    assert_eq!(refused.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(code(&refused), "4.05");
+
+    // An over-long Content-Format is an elective option in the wrong
+    // format: ignored, so the JSON payload is taken.
+    let mut long_format = post("/t/h1/d-cf", br#"{"v":2}"#, 6);
+    long_format.add_option(CoapOption::ContentFormat, vec![0, 0, 50]);
+    assert_eq!(code(&answer(long_format).await), "2.04");
+
+    // A payload marker with nothing after it: a message format error, so
+    // a confirmable message gets a reset and nothing else.
+    let mut bare = post("/t/h1/d-bare", b"", 7).to_bytes().unwrap();
+    bare.push(0xff);
+    peer.send_bytes(&bare).await;
+    assert_eq!(
+        peer.recv_bytes(ANSWER_WITHIN).await,
+        Some(vec![0x70, 0x00, 0x00, 0x07])
+    );
+
+    let records = read_stream(&source, 1, ARRIVE_WITHIN, SETTLE).await;
+    let keys: Vec<&str> = records.iter().map(|r| r.partition_key.as_str()).collect();
+    assert_eq!(keys, ["d-cf"]);
+    source.delete_stream().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1139,4 +1368,123 @@ async fn a_deleted_stream_gets_500_and_the_log_not_health_says_why() {
         gateway.metric("ingest_gateway_rejected_total", &[r#"reason="refused""#]),
         1.0
     );
+}
+
+/// Starts a replica of the bridge group `<prefix>`: like [`mqtt_gateway`],
+/// with a shared subscription (`--mqtt-share-group`).
+async fn mqtt_replica(
+    stream: &str,
+    prefix: &str,
+    client_id: &str,
+    kinesis: &str,
+) -> GatewayProcess {
+    let mqtt_url = std::env::var("INGEST_MQTT_URL").unwrap();
+    GatewayProcess::start(
+        stream,
+        &[
+            "--mqtt-url",
+            &mqtt_url,
+            "--mqtt-topic",
+            &format!("{prefix}/#"),
+            "--mqtt-layout",
+            &format!("{prefix}/{{device}}/telemetry"),
+            "--mqtt-client-id",
+            client_id,
+            "--mqtt-share-group",
+            prefix,
+        ],
+        &[("AWS_ENDPOINT_URL_KINESIS", kinesis)],
+    )
+    .await
+}
+
+fn mqtt_received(gateway: &GatewayProcess) -> f64 {
+    gateway.metric("ingest_gateway_mqtt_messages_total", &[])
+}
+
+/// Waits until the replicas together received `total` messages.
+async fn wait_until_received(replicas: &[&GatewayProcess], total: f64) {
+    let deadline = Instant::now() + ARRIVE_WITHIN;
+    loop {
+        let received: f64 = replicas.iter().map(|g| mqtt_received(g)).sum();
+        if received >= total {
+            assert_eq!(received, total, "more messages than were sent");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas received {received} of {total} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridge_replicas_split_the_messages_and_a_killed_ones_come_back() {
+    let (stream, source) = create_stream("gw-mqtt-replicas", 2).await;
+    let prefix = prefix("mqtt-replicas");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    // Replica 0 reaches Kinesis through a proxy that can be cut.
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let id = |n: u8| format!("{prefix}-{n}");
+    let mut zero = mqtt_replica(&stream, &prefix, &id(0), &proxy.url_via(&kinesis)).await;
+    let one = mqtt_replica(&stream, &prefix, &id(1), &kinesis).await;
+    // Sentinels (no layout takes them) until each replica has had one: both
+    // are subscribed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mqtt_received(&zero) < 1.0 || mqtt_received(&one) < 1.0 {
+        assert!(Instant::now() < deadline, "the replicas did not subscribe");
+        mosquitto_pub(&format!("{prefix}/sentinel"), "x", 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sentinels = mqtt_received(&zero) + mqtt_received(&one);
+    let (zero_before, one_before) = (mqtt_received(&zero), mqtt_received(&one));
+    let publish = |i: u32| {
+        let topic = format!("{prefix}/dev-r{i}/telemetry");
+        async move { mosquitto_pub(&topic, &format!(r#"{{"ts":1763900000,"v":{i}}}"#), 1).await }
+    };
+
+    // Both up: each message goes to one of them, and both get some.
+    for i in 1..=20 {
+        publish(i).await;
+    }
+    wait_until_received(&[&zero, &one], sentinels + 20.0).await;
+    assert!(mqtt_received(&zero) > zero_before, "replica 0 took none");
+    assert!(mqtt_received(&one) > one_before, "replica 1 took none");
+    read_stream(&source, 20, ARRIVE_WITHIN, Duration::ZERO).await;
+    let acked = zero
+        .wait_for_metric(
+            "ingest_gateway_mqtt_acked_total",
+            &[],
+            mqtt_received(&zero),
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(acked, mqtt_received(&zero), "replica 0 acknowledged all");
+
+    // Replica 0 loses Kinesis: its share waits unacknowledged; then it dies.
+    proxy.cut().await;
+    for i in 21..=40 {
+        publish(i).await;
+    }
+    wait_until_received(&[&zero, &one], sentinels + 40.0).await;
+    let held = zero.metric("ingest_gateway_mqtt_unacked", &[]);
+    assert!(held > 0.0, "replica 0 holds none of the second 20");
+    zero.kill();
+
+    // Back under the same client id (and with Kinesis): the broker delivers
+    // what it held. Every message is in the stream exactly once.
+    let again = mqtt_replica(&stream, &prefix, &id(0), &kinesis).await;
+    let records = read_stream(&source, 40, ARRIVE_WITHIN, Duration::from_secs(3)).await;
+    let mut keys: Vec<String> = records.iter().map(|r| r.partition_key.clone()).collect();
+    keys.sort();
+    let mut expected: Vec<String> = (1..=40).map(|i| format!("dev-r{i}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    let redelivered = again
+        .wait_for_metric("ingest_gateway_mqtt_acked_total", &[], held, ARRIVE_WITHIN)
+        .await;
+    assert!(redelivered >= held, "{redelivered} acked of {held} held");
+    source.delete_stream().await.unwrap();
 }

@@ -331,18 +331,25 @@ fn everything_on_renders_valid_objects_with_monitoring_from_the_files() {
     );
     assert!(rendered.get("Deployment", "prod-ingest-consumer")["spec"]["replicas"].is_null());
 
-    // The MQTT bridge makes the gateway a StatefulSet whose client ids are its pod names.
+    // The MQTT bridge makes the gateway a StatefulSet whose client ids are
+    // its pod names, sharing one subscription so that replicas split the
+    // messages.
     let gateway = rendered.get("StatefulSet", "prod-ingest-gateway");
     assert_eq!(
         gateway["spec"]["serviceName"],
         "prod-ingest-gateway-headless"
     );
-    let args = &pod_spec(gateway)["containers"][0]["args"];
-    assert!(
-        args.as_array()
-            .unwrap()
-            .contains(&json!("--mqtt-client-id=$(POD_NAME)"))
-    );
+    let args = pod_spec(gateway)["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .clone();
+    for arg in [
+        "--mqtt-client-id=$(POD_NAME)",
+        "--mqtt-share-group=ingest",
+        "--mqtt-topic=devices/+/telemetry",
+    ] {
+        assert!(args.contains(&json!(arg)), "{arg} not in {args:?}");
+    }
 
     // IRSA: each component its own role.
     for component in ["consumer", "gateway", "provision"] {

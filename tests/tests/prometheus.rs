@@ -178,6 +178,8 @@ async fn panels_and_alerts_answer_from_a_real_prometheus() {
             &format!("mqtt://{}", nowhere(free_port())),
             "--mqtt-topic",
             "devices/+/telemetry",
+            "--mqtt-client-id",
+            &format!("{unique}-broken"),
             "--put-timeout",
             "1s",
         ],

@@ -63,10 +63,16 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     mqtt_layouts: Vec<String>,
-    /// MQTT client id; keep it stable, the broker keeps unacknowledged messages
-    /// for it. [default: ingest-gateway-<host name>]
+    /// MQTT client id, required with --mqtt-topic: the broker keeps the
+    /// unacknowledged messages of this id's session, so it must survive
+    /// restarts and differ between replicas (a StatefulSet's pod name).
     #[arg(long, env = "INGEST_MQTT_CLIENT_ID")]
     mqtt_client_id: Option<String>,
+    /// Subscribe as a shared subscription, $share/<group>/<filter>, so that
+    /// gateways in the same group split the messages instead of each taking
+    /// every one (Mosquitto, AWS IoT Core).
+    #[arg(long, env = "INGEST_MQTT_SHARE_GROUP")]
+    mqtt_share_group: Option<String>,
     /// Where to serve /metrics, /healthz and /readyz ("off" for nowhere).
     #[arg(long, env = "INGEST_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     metrics_addr: String,
@@ -167,6 +173,7 @@ impl GatewayArgs {
             self.mqtt_topics,
             self.mqtt_layouts,
             self.mqtt_client_id,
+            self.mqtt_share_group,
         )?;
         Ok(GatewayConfig {
             stream: self.stream,
@@ -189,6 +196,7 @@ fn mqtt_settings(
     topics: Vec<String>,
     layouts: Vec<String>,
     client_id: Option<String>,
+    share_group: Option<String>,
 ) -> Result<Option<MqttSettings>, ConfigError> {
     let topics: Vec<String> = topics.into_iter().filter(|t| !t.is_empty()).collect();
     if topics.is_empty() {
@@ -222,18 +230,40 @@ fn mqtt_settings(
             })
             .collect::<Result<_, _>>()?
     };
-    let client_id = client_id.unwrap_or_else(|| {
-        let host = hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "host".into());
-        format!("ingest-gateway-{host}")
-    });
+    // No default from the host name: a rescheduled pod gets a new one and
+    // orphans the session holding its unacknowledged messages.
+    let client_id = client_id.filter(|id| !id.is_empty()).ok_or_else(|| {
+        ConfigError::new(
+            "--mqtt-client-id",
+            "",
+            "is required with --mqtt-topic: a stable id per gateway (the broker keeps \
+             its unacknowledged messages), e.g. a StatefulSet's pod name",
+        )
+    })?;
+    let share_group = share_group.filter(|group| !group.is_empty());
+    if let Some(group) = &share_group {
+        if group.contains(['/', '+', '#']) {
+            return Err(ConfigError::new(
+                "--mqtt-share-group",
+                group,
+                "a share group name has no /, + or #",
+            ));
+        }
+        if let Some(topic) = topics.iter().find(|topic| topic.starts_with("$share/")) {
+            return Err(ConfigError::new(
+                "--mqtt-topic",
+                topic,
+                "is already shared: give the plain filter with --mqtt-share-group",
+            ));
+        }
+    }
     Ok(Some(MqttSettings {
         host,
         port,
         credentials,
         client_id,
         filters: topics,
+        share_group,
         layouts,
         max_payload_bytes: DecodeLimits::default().max_record_bytes,
     }))
@@ -404,5 +434,34 @@ mod tests {
         for filter in ["a/#/b", "a/b+", "a#"] {
             assert!(!valid_filter(filter), "{filter}");
         }
+    }
+
+    #[test]
+    fn mqtt_needs_a_client_id_and_shares_by_group() {
+        let settings = |client_id: Option<&str>, group: Option<&str>, topic: &str| {
+            mqtt_settings(
+                Some("mqtt://broker"),
+                vec![topic.to_owned()],
+                vec![],
+                client_id.map(str::to_owned),
+                group.map(str::to_owned),
+            )
+        };
+        let err = settings(None, None, "devices/+/telemetry").unwrap_err();
+        assert!(err.to_string().contains("--mqtt-client-id"), "{err}");
+        let unshared = settings(Some("gw-0"), None, "devices/+/telemetry")
+            .unwrap()
+            .unwrap();
+        assert_eq!(unshared.subscriptions(), ["devices/+/telemetry"]);
+        let shared = settings(Some("gw-0"), Some("ingest"), "devices/+/telemetry")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            shared.subscriptions(),
+            ["$share/ingest/devices/+/telemetry"]
+        );
+        assert!(settings(Some("gw-0"), Some("a/b"), "devices/+/telemetry").is_err());
+        let twice = settings(Some("gw-0"), Some("g"), "$share/g/devices/+/telemetry");
+        assert!(twice.is_err());
     }
 }

@@ -5,6 +5,8 @@
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 
+use super::block::Block;
+
 /// Content-Format of JSON (`application/json`).
 pub const FORMAT_JSON: u16 = 50;
 /// Content-Format of CBOR (`application/cbor`).
@@ -44,10 +46,15 @@ pub struct Request {
     pub path: Vec<String>,
     /// The Uri-Query parameters, each `name=value` or `name`.
     pub query: Vec<String>,
-    /// The Content-Format, if given.
+    /// The Content-Format, if given (one longer than 2 bytes is ignored,
+    /// as an elective option in the wrong format must be).
     pub content_format: Option<u16>,
-    /// Whether a Block1 option is present: block-wise upload, not supported.
-    pub block1: bool,
+    /// The Accept option: the Content-Format the answer must have.
+    pub accept: Option<u16>,
+    /// The Block1 option: this payload is one block of a larger one.
+    pub block1: Option<Block>,
+    /// The Size1 option: the size of the whole payload, if the client says.
+    pub size1: Option<u32>,
     /// The No-Response option (RFC 7967): bit 2 suppresses 2.xx, bit 8
     /// 4.xx, bit 16 5.xx.
     pub no_response: u32,
@@ -70,6 +77,7 @@ impl Request {
         let method = match packet.header.code {
             MessageClass::Request(RequestType::UnKnown) => None,
             MessageClass::Request(method) => Some(method),
+            // Reserved method codes (0.08 to 0.31) and anything else.
             _ => None,
         };
         let mut request = Request {
@@ -80,7 +88,9 @@ impl Request {
             path: Vec::new(),
             query: Vec::new(),
             content_format: None,
-            block1: false,
+            accept: None,
+            block1: None,
+            size1: None,
             no_response: 0,
             payload: Vec::new(),
         };
@@ -99,21 +109,29 @@ impl Request {
                         }
                     }
                 }
-                CONTENT_FORMAT => {
+                // Elective: a value that is not a 2-byte uint is ignored.
+                CONTENT_FORMAT => request.content_format = values.front().and_then(|v| uint16(v)),
+                // Critical: the answer must be in this format, or 4.06.
+                ACCEPT => {
                     let value = values.front().map(Vec::as_slice).unwrap_or_default();
-                    request.content_format = Some(
-                        uint(value)
-                            .and_then(|v| u16::try_from(v).ok())
-                            .ok_or_else(|| bad_option("Content-Format is longer than 2 bytes"))?,
+                    request.accept = Some(
+                        uint16(value).ok_or_else(|| bad_option("Accept is longer than 2 bytes"))?,
                     );
                 }
-                BLOCK1 => request.block1 = true,
+                BLOCK1 => {
+                    let value = values.front().map(Vec::as_slice).unwrap_or_default();
+                    request.block1 = Some(
+                        Block::parse(value)
+                            .ok_or_else(|| bad_option("Block1 is longer than 3 bytes"))?,
+                    );
+                }
+                SIZE1 => request.size1 = values.front().and_then(|v| uint(v)),
                 NO_RESPONSE => {
                     let value = values.front().map(Vec::as_slice).unwrap_or_default();
                     request.no_response = uint(value).unwrap_or(0);
                 }
                 // Understood, and nothing to do with them here.
-                URI_HOST | URI_PORT | OBSERVE | ACCEPT | BLOCK2 | SIZE1 | SIZE2 => {}
+                URI_HOST | URI_PORT | OBSERVE | BLOCK2 | SIZE2 => {}
                 critical if critical % 2 == 1 => {
                     return Err(bad_option(&format!(
                         "critical option {critical} is not supported"
@@ -155,6 +173,36 @@ fn bad_option(reason: &str) -> Unreadable {
     }
 }
 
+/// An option value as a 16-bit unsigned integer (0 to 2 bytes).
+fn uint16(value: &[u8]) -> Option<u16> {
+    uint(value).and_then(|v| u16::try_from(v).ok())
+}
+
+/// Whether `bytes`, read as `packet`, end in a payload marker with no
+/// payload after it: a message format error (RFC 7252 §3) that coap-lite
+/// reads as no payload. Counts what the header, token and options take.
+pub fn bare_payload_marker(bytes: &[u8], packet: &Packet) -> bool {
+    if !packet.payload.is_empty() {
+        return false;
+    }
+    // An option's delta and length take 0, 1 or 2 extended bytes.
+    let extended = |n: usize| match n {
+        0..=12 => 0,
+        13..=268 => 1,
+        _ => 2,
+    };
+    let mut length = 4 + packet.get_token().len();
+    let mut previous = 0;
+    for (&number, values) in packet.options() {
+        for value in values {
+            length += 1 + extended(usize::from(number - previous)) + extended(value.len());
+            length += value.len();
+            previous = number;
+        }
+    }
+    bytes.len() == length + 1
+}
+
 /// An option value as an unsigned integer (big-endian, 0 to 4 bytes).
 fn uint(value: &[u8]) -> Option<u32> {
     if value.len() > 4 {
@@ -176,6 +224,9 @@ pub struct Reply {
     pub max_age: Option<u32>,
     /// Size1: with 4.13, the largest payload accepted.
     pub size1: Option<u32>,
+    /// Block1: with 2.31, the block taken; with the last block's answer,
+    /// that block; with 4.13, the block size to use.
+    pub block1: Option<Block>,
 }
 
 impl Reply {
@@ -187,6 +238,7 @@ impl Reply {
             content_format: None,
             max_age: None,
             size1: None,
+            block1: None,
         }
     }
 
@@ -226,6 +278,9 @@ impl Reply {
         }
         if let Some(max_age) = self.max_age {
             packet.add_option(CoapOption::MaxAge, encode_uint(max_age));
+        }
+        if let Some(block1) = self.block1 {
+            packet.add_option(CoapOption::Block1, block1.encode());
         }
         if let Some(size1) = self.size1 {
             packet.add_option(CoapOption::Size1, encode_uint(size1));
@@ -311,10 +366,63 @@ mod tests {
         assert_eq!(err.code, ResponseType::BadOption);
         // Elective options are ignored.
         assert!(request(|p| p.add_option(CoapOption::Unknown(2048), vec![1])).is_ok());
-        let err = request(|p| p.add_option(CoapOption::ContentFormat, vec![1, 2, 3])).unwrap_err();
+        // An elective option in the wrong format is ignored; a critical one
+        // is a bad option.
+        let ignored = request(|p| p.add_option(CoapOption::ContentFormat, vec![1, 2, 3])).unwrap();
+        assert_eq!(ignored.content_format, None);
+        let err = request(|p| p.add_option(CoapOption::Accept, vec![1, 2, 3])).unwrap_err();
+        assert_eq!(err.code, ResponseType::BadOption);
+        let err = request(|p| p.add_option(CoapOption::Block1, vec![1, 2, 3, 4])).unwrap_err();
         assert_eq!(err.code, ResponseType::BadOption);
         let err = request(|p| p.add_option(CoapOption::UriPath, vec![0xff])).unwrap_err();
         assert_eq!(err.code, ResponseType::BadRequest);
+    }
+
+    #[test]
+    fn reads_accept_block1_and_size1() {
+        let request = request(|p| {
+            p.add_option(CoapOption::Accept, vec![]);
+            p.add_option(CoapOption::Block1, vec![0x1e]);
+            p.add_option(CoapOption::Size1, vec![0x10, 0x00]);
+        })
+        .unwrap();
+        assert_eq!(request.accept, Some(FORMAT_TEXT));
+        let block = Block {
+            num: 1,
+            more: true,
+            szx: 6,
+        };
+        assert_eq!(request.block1, Some(block));
+        assert_eq!(request.size1, Some(4096));
+        // Reserved method codes are requests without a known method.
+        let mut packet = Packet::new();
+        packet.header.code = MessageClass::Reserved(0x08);
+        assert_eq!(Request::from_packet(packet).unwrap().method, None);
+    }
+
+    #[test]
+    fn a_payload_marker_needs_a_payload() {
+        let mut packet = Packet::new();
+        packet.header.code = MessageClass::Request(RequestType::Post);
+        packet.set_token(vec![1, 2]);
+        for segment in ["t", "a-device-name-longer-than-12"] {
+            packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+        }
+        packet.add_option(CoapOption::NoResponse, vec![2]);
+        let plain = packet.to_bytes().unwrap();
+        assert!(!bare_payload_marker(
+            &plain,
+            &Packet::from_bytes(&plain).unwrap()
+        ));
+        let mut marked = plain.clone();
+        marked.push(0xff);
+        let read = Packet::from_bytes(&marked).unwrap();
+        assert!(read.payload.is_empty(), "coap-lite reads no payload");
+        assert!(bare_payload_marker(&marked, &read));
+        packet.payload = b"{}".to_vec();
+        let with_payload = packet.to_bytes().unwrap();
+        let read = Packet::from_bytes(&with_payload).unwrap();
+        assert!(!bare_payload_marker(&with_payload, &read));
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! - `message.rs`: a request's options read once; the answers' datagrams.
 //! - `resource.rs`: the resources (`/t/...`, `/health`,
 //!   `/.well-known/core`), routing, and a telemetry request to its record.
+//! - `block.rs`: block-wise uploads (RFC 7959 Block1) reassembled.
 //! - `exchange.rs`: deduplication of retransmissions.
 //! - `server.rs`: the socket, the receive loop, piggybacked and separate
 //!   responses.
 //!
-//! `message`, `resource` and `exchange` do no IO and are tested alone.
+//! `message`, `resource`, `block` and `exchange` do no IO and are tested alone.
 
+mod block;
 mod exchange;
 mod message;
 mod resource;

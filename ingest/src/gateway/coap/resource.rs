@@ -5,7 +5,8 @@
 use bytes::Bytes;
 use coap_lite::{RequestType, ResponseType};
 
-use super::message::{FORMAT_CBOR, FORMAT_JSON, FORMAT_LINK, Reply, Request};
+use super::block;
+use super::message::{FORMAT_CBOR, FORMAT_JSON, FORMAT_LINK, FORMAT_TEXT, Reply, Request};
 use crate::decode::{Decoder, Micros};
 use crate::gateway::auth::{
     AuthPolicy, Claim, Denied, NONCE_PARAMETER, SIGNATURE_PARAMETER, TIME_PARAMETER,
@@ -63,17 +64,29 @@ pub fn route(request: &Request) -> Result<Route<'_>, Reply> {
             ));
         }
     };
-    if request.method == Some(allowed) {
-        Ok(route)
-    } else {
+    if request.method != Some(allowed) {
         let method = match allowed {
             RequestType::Get => "GET",
             _ => "POST",
         };
-        Err(Reply::error(
+        return Err(Reply::error(
             ResponseType::MethodNotAllowed,
             format!("this resource takes {method} only"),
-        ))
+        ));
+    }
+    // Accept is critical (RFC 7252 §5.10.4): a resource answers in its one
+    // format or 4.06. Telemetry's 2.04 has no content, so any Accept is met.
+    let format = match route {
+        Route::WellKnownCore => Some(FORMAT_LINK),
+        Route::Health => Some(FORMAT_TEXT),
+        Route::Telemetry { .. } => None,
+    };
+    match (request.accept, format) {
+        (Some(wanted), Some(format)) if wanted != format => Err(Reply::error(
+            ResponseType::NotAcceptable,
+            format!("this resource answers in Content-Format {format} only"),
+        )),
+        _ => Ok(route),
     }
 }
 
@@ -108,24 +121,14 @@ pub fn telemetry(
     decoder: &mut Decoder,
     arrival: Micros,
 ) -> Result<(String, Bytes), Refusal> {
+    // A block-wise payload comes here whole, reassembled by `block`.
     let limit = rules.max_payload_bytes;
-    let too_large = |what: String| {
-        let reply = Reply {
-            size1: u32::try_from(limit).ok(),
-            ..Reply::error(ResponseType::RequestEntityTooLarge, what)
-        };
-        ("too_large", reply)
-    };
-    if request.block1 {
-        return Err(too_large(format!(
-            "block-wise transfer is not supported: send at most {limit} bytes in one message"
-        )));
-    }
     if request.payload.len() > limit {
-        return Err(too_large(format!(
+        let reason = format!(
             "the payload is {} bytes, more than the {limit}-byte limit",
             request.payload.len()
-        )));
+        );
+        return Err(("too_large", block::too_large(limit, request.block1, reason)));
     }
     let cbor = match request.content_format {
         None | Some(FORMAT_JSON) => false,
@@ -220,7 +223,9 @@ mod tests {
                 .collect(),
             query: vec![],
             content_format: None,
-            block1: false,
+            accept: None,
+            block1: None,
+            size1: None,
             no_response: 0,
             payload: payload.as_bytes().to_vec(),
         }
@@ -261,6 +266,20 @@ mod tests {
             let request = request(*method, path, "");
             let got = route(&request).map_err(|reply| reply.code);
             assert_eq!(&got, expected, "{method:?} {path}");
+        }
+        // Accept: each resource's own format, or 4.06.
+        let accept_cases: &[(RequestType, &str, u16, Result<(), R>)] = &[
+            (Get, "/health", FORMAT_TEXT, Ok(())),
+            (Get, "/health", FORMAT_JSON, Err(R::NotAcceptable)),
+            (Get, "/.well-known/core", FORMAT_LINK, Ok(())),
+            (Get, "/.well-known/core", FORMAT_CBOR, Err(R::NotAcceptable)),
+            (Post, "/t/h1/d1", FORMAT_CBOR, Ok(())),
+        ];
+        for (method, path, accept, expected) in accept_cases {
+            let mut request = request(*method, path, "");
+            request.accept = Some(*accept);
+            let got = route(&request).map(|_| ()).map_err(|reply| reply.code);
+            assert_eq!(&got, expected, "{method:?} {path} Accept {accept}");
         }
     }
 
@@ -312,8 +331,6 @@ mod tests {
 
         let mut text = post(r#"{"v":1}"#);
         text.content_format = Some(0);
-        let mut block = post(r#"{"v":1}"#);
-        block.block1 = true;
         let mut bad_cbor = post("not cbor");
         bad_cbor.content_format = Some(FORMAT_CBOR);
         // (request, reason label, code, text in the diagnostic payload)
@@ -324,7 +341,6 @@ mod tests {
                 R::RequestEntityTooLarge,
                 "65 bytes",
             ),
-            (block, "too_large", R::RequestEntityTooLarge, "block-wise"),
             (
                 text,
                 "unsupported_format",

@@ -8,12 +8,15 @@
 //! 1. The receive loop reads the datagram, answers a duplicate from the
 //!    exchange cache, and otherwise routes and checks the request; anything
 //!    wrong is answered at once (4.xx).
-//! 2. A telemetry record is queued for the producer (queue full: 5.03).
-//! 3. Its task waits up to [`PIGGYBACK_WINDOW`] for Kinesis: the answer
+//! 2. A block of a block-wise upload (Block1) other than the last is held
+//!    and answered 2.31 Continue (`block.rs`); the last one completes the
+//!    payload, which goes on as if it had come in one datagram.
+//! 3. A telemetry record is queued for the producer (queue full: 5.03).
+//! 4. Its task waits up to [`PIGGYBACK_WINDOW`] for Kinesis: the answer
 //!    then rides on the ACK. Longer, and a CON gets an empty ACK now and the
 //!    answer later as a confirmable response of its own, resent with
 //!    exponential backoff until the client acknowledges it.
-//! 4. The answer is 2.04 once Kinesis took the record, 5.03 with Max-Age
+//! 5. The answer is 2.04 once Kinesis took the record, 5.03 with Max-Age
 //!    when it did not by `--put-timeout`.
 
 use std::net::SocketAddr;
@@ -29,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::block::{Block, Progress, Uploads};
 use super::exchange::{Exchanges, Key, Seen, State};
 use super::message::{self, FORMAT_TEXT, Reply, Request};
 use super::resource::{self, Route, TelemetryRules};
@@ -75,6 +79,8 @@ struct Server {
     health: Arc<KinesisHealth>,
     /// Recent exchanges, for deduplication.
     exchanges: Mutex<Exchanges>,
+    /// Block-wise uploads being reassembled (RFC 7959 Block1).
+    uploads: Mutex<Uploads>,
     /// Separate confirmable responses waiting for their ACK, by (client,
     /// our message id): the receive loop tells the sender it came.
     awaiting_ack: Mutex<std::collections::HashMap<Key, oneshot::Sender<()>>>,
@@ -96,6 +102,8 @@ struct ReplyTo {
     no_response: u32,
     /// The request's datagram size: no error answer is larger.
     request_bytes: usize,
+    /// The last block of a block-wise upload: its answer echoes it.
+    last_block: Option<Block>,
 }
 
 /// Serves CoAP on `socket` until `shutdown`, then waits (at most `grace`)
@@ -120,6 +128,7 @@ pub async fn serve(
         settings,
         health,
         exchanges: Mutex::new(exchanges),
+        uploads: Mutex::default(),
         awaiting_ack: Mutex::default(),
         next_message_id: AtomicU16::new(seed_message_id()),
         capacity_reached: AtomicBool::new(false),
@@ -196,6 +205,13 @@ impl Server {
                 return rejected("malformed");
             }
         };
+        // A payload marker with no payload is a message format error too.
+        if message::bare_payload_marker(bytes, &packet) {
+            if confirmable {
+                self.send(&message::reset(message_id), peer);
+            }
+            return rejected("malformed");
+        }
         match packet.header.get_type() {
             MessageType::Acknowledgement | MessageType::Reset => {
                 // The ACK (or refusal) of one of our separate responses.
@@ -211,9 +227,15 @@ impl Server {
             }
             MessageType::Confirmable | MessageType::NonConfirmable => {}
         }
-        if !matches!(packet.header.code, MessageClass::Request(_)) {
-            // An empty CON is a ping, answered with a reset; responses and
-            // reserved codes are not for a server.
+        // Class 0 is a request, with a method we may not know (0.08 to 0.31,
+        // answered 4.05); an empty CON is a ping, answered with a reset;
+        // responses and reserved classes are not for a server.
+        let request_code = match packet.header.code {
+            MessageClass::Request(_) => true,
+            MessageClass::Reserved(code) => code >> 5 == 0,
+            _ => false,
+        };
+        if !request_code {
             if confirmable {
                 self.send(&message::reset(message_id), peer);
             }
@@ -269,6 +291,7 @@ impl Server {
                     confirmable,
                     no_response: 0,
                     request_bytes: bytes.len(),
+                    last_block: None,
                 };
                 return self.answer(&to, Reply::error(unreadable.code, unreadable.reason));
             }
@@ -280,8 +303,9 @@ impl Server {
             confirmable,
             no_response: request.no_response,
             request_bytes: bytes.len(),
+            last_block: request.block1.filter(|block| !block.more),
         };
-        match self.handle(&request, decoder, producer) {
+        match self.handle(&request, peer, decoder, producer) {
             Ok(reply) => self.answer(&to, reply),
             Err(receiver) => {
                 let server = Arc::clone(self);
@@ -296,6 +320,7 @@ impl Server {
     fn handle(
         &self,
         request: &Request,
+        peer: SocketAddr,
         decoder: &mut Decoder,
         producer: &Producer,
     ) -> Result<Reply, oneshot::Receiver<Outcome>> {
@@ -304,6 +329,7 @@ impl Server {
             Err(reply) => {
                 let reason = match reply.code {
                     ResponseType::NotFound => "not_found",
+                    ResponseType::NotAcceptable => "not_acceptable",
                     _ => "method_not_allowed",
                 };
                 rejected(reason);
@@ -314,6 +340,24 @@ impl Server {
             Route::WellKnownCore => return Ok(resource::well_known_core()),
             Route::Health => return Ok(self.health_reply()),
             Route::Telemetry { house, device } => (house, device),
+        };
+        let assembled;
+        let request = match request.block1 {
+            None => request,
+            Some(block) => match self.upload_block(request, block, peer) {
+                Ok(Progress::Continue(reply)) => return Ok(reply),
+                Ok(Progress::Complete(body)) => {
+                    assembled = Request {
+                        payload: body,
+                        ..request.clone()
+                    };
+                    &assembled
+                }
+                Err((reason, reply)) => {
+                    rejected(reason);
+                    return Ok(reply);
+                }
+            },
         };
         let rules = TelemetryRules {
             max_payload_bytes: self.settings.max_payload_bytes,
@@ -349,6 +393,30 @@ impl Server {
         }
     }
 
+    /// Takes one block of a block-wise telemetry upload.
+    fn upload_block(
+        &self,
+        request: &Request,
+        block: Block,
+        peer: SocketAddr,
+    ) -> Result<Progress, super::block::Refusal> {
+        let key = (peer, request.path.clone(), request.query.clone());
+        let Ok(mut uploads) = self.uploads.lock() else {
+            return Err((
+                "unavailable",
+                unavailable("the upload state is unusable", RETRY_AFTER_UNAVAILABLE),
+            ));
+        };
+        uploads.receive(
+            key,
+            block,
+            request.size1,
+            &request.payload,
+            self.settings.max_payload_bytes,
+            std::time::Instant::now(),
+        )
+    }
+
     fn health_reply(&self) -> Reply {
         if self.health.is_up() {
             // Short, and nothing about the stream or the account: anyone
@@ -356,6 +424,8 @@ impl Server {
             Reply {
                 payload: b"ok".to_vec(),
                 content_format: Some(FORMAT_TEXT),
+                // Always fresh: a proxy must not answer from a cache.
+                max_age: Some(0),
                 ..Reply::empty(ResponseType::Content)
             }
         } else {
@@ -420,7 +490,9 @@ impl Server {
     /// Sends `reply` the way the exchange needs (piggybacked on the ACK,
     /// separately after an empty ACK, or as NON), remembers it for
     /// retransmissions, and counts it.
-    fn answer(self: &Arc<Self>, to: &ReplyTo, reply: Reply) {
+    fn answer(self: &Arc<Self>, to: &ReplyTo, mut reply: Reply) {
+        // The answer to the last block of an upload names that block.
+        reply.block1 = reply.block1.or(to.last_block);
         let reply = no_larger_than(reply, to.request_bytes, &to.token);
         metrics::counter!(m::GATEWAY_COAP_REQUESTS, "code" => reply.code_text()).increment(1);
         let suppressed = message::suppresses(to.no_response, reply.code);

@@ -6,7 +6,7 @@
 //!
 //! QoS 1 messages are acknowledged to the broker only after Kinesis took
 //! their record, in the order they arrived (MQTT 3.1.1 §4.6), with a
-//! persistent session (clean session off, a fixed client id): a message
+//! persistent session (clean session off, a configured client id): a message
 //! not acknowledged when the gateway dies or Kinesis is down stays with the
 //! broker, which delivers it again. So the bridge is at least once: a
 //! message whose record was put but whose acknowledgement was lost is put
@@ -55,6 +55,9 @@ pub struct MqttSettings {
     pub client_id: String,
     /// The topic filters subscribed to (QoS 1).
     pub filters: Vec<String>,
+    /// With a group, each filter is subscribed as `$share/<group>/<filter>`:
+    /// the broker gives each message to one gateway of the group.
+    pub share_group: Option<String>,
     /// How topics map to records.
     pub layouts: Vec<TopicLayout>,
     /// Larger payloads are refused (the decoder's limit).
@@ -76,6 +79,19 @@ impl std::fmt::Debug for Credentials {
             .field("user", &self.user)
             .field("password", &"***")
             .finish()
+    }
+}
+
+impl MqttSettings {
+    /// The filters as subscribed: shared ones when there is a group.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.filters
+            .iter()
+            .map(|filter| match &self.share_group {
+                Some(group) => format!("$share/{group}/{filter}"),
+                None => filter.clone(),
+            })
+            .collect()
     }
 }
 
@@ -107,8 +123,8 @@ pub async fn run(
         settings.clone(),
         stop_forwarding.clone(),
     ));
-    let filters: Vec<SubscribeFilter> = settings
-        .filters
+    let subscriptions = settings.subscriptions();
+    let filters: Vec<SubscribeFilter> = subscriptions
         .iter()
         .map(|filter| SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce))
         .collect();
@@ -127,7 +143,7 @@ pub async fn run(
                     broker = %format!("{}:{}", settings.host, settings.port),
                     client_id = %settings.client_id,
                     session_present = ack.session_present,
-                    filters = ?settings.filters,
+                    filters = ?subscriptions,
                     "MQTT bridge connected"
                 );
                 if let Err(error) = client.try_subscribe_many(filters.clone()) {
@@ -136,14 +152,14 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let mut refused = false;
-                for (filter, code) in settings.filters.iter().zip(&ack.return_codes) {
+                for (filter, code) in subscriptions.iter().zip(&ack.return_codes) {
                     if *code == rumqttc::SubscribeReasonCode::Failure {
                         refused = true;
                         tracing::error!(%filter, "the broker refused the subscription");
                     }
                 }
                 if !refused {
-                    tracing::info!(filters = ?settings.filters, "MQTT bridge subscribed");
+                    tracing::info!(filters = ?subscriptions, "MQTT bridge subscribed");
                     metrics::gauge!(m::GATEWAY_MQTT_SUBSCRIBED).set(1.0);
                 }
             }
