@@ -411,6 +411,8 @@ mod tests {
             "mqtt://bridge:hunter2@broker:1883",
             "--mqtt-topic",
             "devices/+/telemetry",
+            "--mqtt-client-id",
+            "gateway-0",
         ])
         .unwrap();
         let args = format!("{cli:?}");
