@@ -22,7 +22,8 @@ async fn checkpoint(
 ) -> (Option<String>, Option<i64>) {
     let row = client
         .query_one(
-            "SELECT checkpoint, checkpoint_sub FROM ingest.shard_leases WHERE stream = $1",
+            "SELECT checkpoint, checkpoint_sub FROM ingest.shard_leases \
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1)",
             &[&stream],
         )
         .await
@@ -91,7 +92,8 @@ async fn aggregated_records_land_once_each_across_a_kill_inside_an_aggregate() {
             "SELECT checkpoint, checkpoint_sub,
                     (SELECT count(*) FROM telemetry.samples),
                     (SELECT count(*) FROM ingest.dead_letters)
-             FROM ingest.shard_leases WHERE stream = $1",
+             FROM ingest.shard_leases \
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1)",
             &[&stream],
         )
         .await
