@@ -256,6 +256,10 @@ async fn recreate(source: &KinesisSource) {
         assert!(Instant::now() < deadline, "the stream is never deleted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // kinesalite stamps creation times in whole seconds, so a stream made
+    // again within the same second would have the old one's identity (on
+    // AWS, deleting and creating a stream take far longer than a second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     source.ensure_stream(1).await.unwrap();
 }
 
