@@ -161,14 +161,7 @@ async fn a_recreated_stream_starts_fresh_and_its_old_leases_are_kept_aside() {
     let db = TestDb::migrated("identity_recreated").await;
     let client = db.client().await;
     let (name, source) = create_stream("recreated", 1).await;
-    let first = records(10, 300, base_ts());
-    source.put_records(&first).await.unwrap();
-    let mut worker = ConsumerProcess::start(&db.url, &name, "w1", &[]);
-    assert_eq!(
-        wait_for_count(&client, SAMPLES, first.len() as i64, LAND_WITHIN).await,
-        first.len() as i64
-    );
-    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let first = land_and_stop(&db, &client, &name, &source).await;
     let old = leases(&client).await;
     assert_eq!(old.len(), 1, "{old:?}");
     assert!(
@@ -246,9 +239,27 @@ async fn a_recreated_stream_starts_fresh_and_its_old_leases_are_kept_aside() {
     db.drop().await;
 }
 
+/// Puts 300 records into `name`, has one worker land them all, and stops it
+/// with SIGTERM: a stream read to its checkpoint. Returns the records.
+async fn land_and_stop(
+    db: &TestDb,
+    client: &Client,
+    name: &str,
+    source: &KinesisSource,
+) -> Vec<(String, bytes::Bytes)> {
+    let first = records(10, 300, base_ts());
+    source.put_records(&first).await.unwrap();
+    let mut worker = ConsumerProcess::start(&db.url, name, "w1", &[]);
+    assert_eq!(
+        wait_for_count(client, SAMPLES, first.len() as i64, LAND_WITHIN).await,
+        first.len() as i64
+    );
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    first
+}
+
 /// Deletes the stream, waits until it is gone, and creates it again with
-/// one shard. kinesalite's creation times are whole seconds: callers leave
-/// a second between two creations.
+/// one shard, in a later second than the old one (see below).
 async fn recreate(source: &KinesisSource) {
     source.delete_stream().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -268,14 +279,7 @@ async fn leases_keyed_by_the_name_before_the_upgrade_are_adopted_without_reading
     let db = TestDb::migrated("identity_upgrade").await;
     let client = db.client().await;
     let (name, source) = create_stream("upgrade", 1).await;
-    let first = records(10, 300, base_ts());
-    source.put_records(&first).await.unwrap();
-    let mut worker = ConsumerProcess::start(&db.url, &name, "w1", &[]);
-    assert_eq!(
-        wait_for_count(&client, SAMPLES, first.len() as i64, LAND_WITHIN).await,
-        first.len() as i64
-    );
-    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let first = land_and_stop(&db, &client, &name, &source).await;
     // As a version before migration 0006 left it: keyed by the name.
     client
         .batch_execute(&format!(
