@@ -75,18 +75,16 @@ impl TestDb {
     pub async fn create(test_name: &str) -> TestDb {
         let name = format!("test_{test_name}");
         let admin = connect(&admin_url()).await;
-        // Two statements: DROP DATABASE cannot share an implicit transaction.
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            admin.batch_execute(&sql).await.unwrap_or_else(|error| {
+        drop_database(&admin, &name).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|error| {
                 panic!(
                     "cannot create database {name}: {}",
                     ingest::db::describe(&error)
                 )
             });
-        }
         let url = with_database(&admin_url(), &name);
         TestDb { name, url }
     }
@@ -111,13 +109,31 @@ impl TestDb {
     /// Drops the database; a test calls it when it passed.
     pub async fn drop(self) {
         let admin = connect(&admin_url()).await;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .unwrap_or_else(|error| panic!("cannot drop database {}: {error}", self.name));
+        drop_database(&admin, &self.name).await;
+    }
+}
+
+/// Drops database `name` if it exists, ending its sessions. A session may
+/// take longer to end than DROP DATABASE waits (5 s), for example one of
+/// TimescaleDB's background jobs in the middle of a chunk: then it tries again.
+async fn drop_database(admin: &Client, name: &str) {
+    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    let mut tries = 0;
+    loop {
+        match admin.batch_execute(&sql).await {
+            Ok(()) => return,
+            Err(error)
+                if tries < 5
+                    && error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(error) => panic!(
+                "cannot drop database {name}: {}",
+                ingest::db::describe(&error)
+            ),
+        }
     }
 }
 
