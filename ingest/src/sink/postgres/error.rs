@@ -46,6 +46,8 @@ impl SinkError {
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE
                     || *code == SqlState::T_R_DEADLOCK_DETECTED
                     || *code == SqlState::QUERY_CANCELED
+                    // lock_timeout: a session holding the rows may yet end.
+                    || *code == SqlState::LOCK_NOT_AVAILABLE
                     || code.code().starts_with("08") // connection exception
                     || code.code().starts_with("57") // admin shutdown, crash shutdown, cannot connect now
                     || code.code().starts_with("53") // insufficient resources
@@ -79,10 +81,13 @@ impl SinkError {
         let SinkError::Database { error, .. } = self else {
             return false;
         };
-        error.code().is_some_and(|code| {
-            let class = &code.code()[..2];
-            matches!(class, "22" | "23" | "54" | "P0")
-        })
+        // A sample naming a series the server lacks is stale ids after a
+        // failover, not a bad record: the writer forgets them and retries.
+        !self.is_unknown_series()
+            && error.code().is_some_and(|code| {
+                let class = &code.code()[..2];
+                matches!(class, "22" | "23" | "54" | "P0")
+            })
     }
 
     /// The database's own words for a refused record, as a dead letter's
@@ -101,10 +106,20 @@ impl SinkError {
         }
     }
 
+    /// Whether the server refused samples for series it does not have: ids
+    /// learnt from a server that is no longer the primary (a failover lost
+    /// the newest series). Retried after the writer forgets its ids.
+    pub fn is_unknown_series(&self) -> bool {
+        matches!(self, SinkError::Database { error, .. }
+            if error.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION))
+    }
+
     /// A stable label for the retries metric.
     pub fn cause(&self) -> &'static str {
         if self.is_not_primary() {
             "database_unavailable"
+        } else if self.is_unknown_series() {
+            "unknown_series"
         } else if self.is_retriable() {
             "database_conflict"
         } else {
