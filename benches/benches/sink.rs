@@ -10,8 +10,7 @@
 //! - `sink/side_by_side` (printed, not a criterion benchmark): [`PAIRS`]
 //!   pairs of the two, run alternately, and the ratio of their medians;
 //!   and the time of a write_batch without rows: the sink's cost per batch
-//!   above the COPY. Then the same pairs once more with the foreign key
-//!   `samples -> series` dropped: what the key costs per COPY.
+//!   above the COPY.
 //!
 //! Both write [`ROWS`] rows per iteration into the same table of the same
 //! database in the same run; before each iteration (not timed) the tables
@@ -92,19 +91,6 @@ fn sink(c: &mut Criterion) {
     } else {
         1 // `cargo test`: a smoke test.
     };
-    runtime.block_on(side_by_side(&mut client, &segments, pairs));
-
-    // What the samples -> series foreign key (migration 8) costs: the same
-    // pairs again, in the same run, with the key dropped.
-    runtime.block_on(async {
-        client
-            .batch_execute("ALTER TABLE telemetry.samples DROP CONSTRAINT samples_series_id_fkey")
-            .await
-            .unwrap_or_else(|error| {
-                panic!("dropping the series key: {}", ingest::db::describe(&error))
-            })
-    });
-    println!("the same without the foreign key samples -> series:");
     runtime.block_on(side_by_side(&mut client, &segments, pairs));
 }
 

@@ -84,13 +84,6 @@ pub static MIGRATIONS: &[Migration] = &[
         postgres: "",
         timescaledb: "",
     },
-    Migration {
-        version: 8,
-        name: "samples reference their series",
-        common: include_str!("../migrations/0008_samples_series_fk.sql"),
-        postgres: "",
-        timescaledb: "",
-    },
 ];
 
 #[cfg(test)]

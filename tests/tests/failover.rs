@@ -320,17 +320,6 @@ async fn series_ids_learnt_before_a_lossy_failover_are_not_used_after_it() {
         0,
         "samples under another device's series, or under no series"
     );
-    let refused = standby
-        .execute(
-            "INSERT INTO telemetry.samples VALUES (now(), 2147483647, 1)",
-            &[],
-        )
-        .await
-        .expect_err("a sample without its series is refused");
-    assert_eq!(
-        refused.code(),
-        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
-    );
     assert!(
         worker.is_running(),
         "the consumer exited during the failover"

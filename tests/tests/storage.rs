@@ -332,51 +332,6 @@ async fn resolving_known_series_again_burns_no_ids(storage: &str) {
     db.drop().await;
 }
 
-on_every_storage!(a_sample_without_its_series_is_refused);
-
-/// A sample naming a series id that does not exist is refused by the
-/// database (the foreign key), in partitions or chunks that exist and in
-/// ones made for it; its series' samples keep the series from being
-/// deleted. (The consumer's COPY: tests/tests/sink.rs.)
-async fn a_sample_without_its_series_is_refused(storage: &str) {
-    let db = migrated("storage_series_key", storage, &[]).await;
-    let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO telemetry.series (device, metric) VALUES ('d', 'v');
-             INSERT INTO telemetry.samples VALUES (now(), 1, 1), (now() - interval '3 days', 1, 2);",
-        )
-        .await
-        .unwrap();
-    let foreign_key = Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION);
-    for at in [
-        "now()",
-        "now() - interval '3 days'",
-        "now() + interval '20 days'",
-    ] {
-        let error = client
-            .execute(
-                &format!("INSERT INTO telemetry.samples VALUES ({at}, 2, 1)"),
-                &[],
-            )
-            .await
-            .expect_err("a sample of series 2, which does not exist");
-        assert_eq!(error.code(), foreign_key, "at {at}: {error}");
-    }
-    let delete = client
-        .execute("DELETE FROM telemetry.series WHERE series_id = 1", &[])
-        .await
-        .expect_err("a series with samples");
-    assert_eq!(delete.code(), foreign_key, "{delete}");
-    let samples: i64 = client
-        .query_one("SELECT count(*) FROM telemetry.samples", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(samples, 2);
-    db.drop().await;
-}
-
 // ---------------------------------------------------------------------------
 // TimescaleDB only
 

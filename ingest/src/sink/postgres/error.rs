@@ -17,6 +17,11 @@ pub enum SinkError {
     /// open through three rounds of asking.
     #[error("{count} series are still missing after three rounds of creating them")]
     SeriesStillMissing { count: usize },
+    /// Samples name series ids the database lacks: ids learnt from a server
+    /// that is no longer the primary (a failover lost the newest series).
+    /// Nothing was written; the writer forgets its ids and retries.
+    #[error("{missing} series ids of the batch are unknown to the database")]
+    UnknownSeries { missing: usize },
     /// The server did not answer in time: treated like a lost connection.
     #[error("{during}: no answer from the database in time")]
     TimedOut { during: &'static str },
@@ -33,7 +38,9 @@ impl SinkError {
     /// The transaction was rolled back, so retrying writes nothing twice.
     pub fn is_retriable(&self) -> bool {
         let error = match self {
-            SinkError::SeriesStillMissing { .. } | SinkError::TimedOut { .. } => return true,
+            SinkError::SeriesStillMissing { .. }
+            | SinkError::UnknownSeries { .. }
+            | SinkError::TimedOut { .. } => return true,
             SinkError::Database { error, .. } => error,
         };
         if error.is_closed() {
@@ -60,7 +67,7 @@ impl SinkError {
     pub fn is_not_primary(&self) -> bool {
         let error = match self {
             SinkError::TimedOut { .. } => return true,
-            SinkError::SeriesStillMissing { .. } => return false,
+            SinkError::SeriesStillMissing { .. } | SinkError::UnknownSeries { .. } => return false,
             SinkError::Database { error, .. } => error,
         };
         error.is_closed()
@@ -81,13 +88,10 @@ impl SinkError {
         let SinkError::Database { error, .. } = self else {
             return false;
         };
-        // A sample naming a series the server lacks is stale ids after a
-        // failover, not a bad record: the writer forgets them and retries.
-        !self.is_unknown_series()
-            && error.code().is_some_and(|code| {
-                let class = &code.code()[..2];
-                matches!(class, "22" | "23" | "54" | "P0")
-            })
+        error.code().is_some_and(|code| {
+            let class = &code.code()[..2];
+            matches!(class, "22" | "23" | "54" | "P0")
+        })
     }
 
     /// The database's own words for a refused record, as a dead letter's
@@ -110,8 +114,7 @@ impl SinkError {
     /// learnt from a server that is no longer the primary (a failover lost
     /// the newest series). Retried after the writer forgets its ids.
     pub fn is_unknown_series(&self) -> bool {
-        matches!(self, SinkError::Database { error, .. }
-            if error.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION))
+        matches!(self, SinkError::UnknownSeries { .. })
     }
 
     /// A stable label for the retries metric.
