@@ -36,7 +36,7 @@ pub const LEASES_LOST: &str = "ingest_leases_lost_total";
 /// are lost to the retention.
 pub const SHARDS_EXPIRED: &str = "ingest_shards_expired_total";
 /// Retried operations. Labels: cause (throttled, expired_iterator, network,
-/// database_unavailable, ...).
+/// database_unavailable, database_conflict, unknown_series, ...).
 pub const RETRIES: &str = "ingest_retries_total";
 /// New series created.
 pub const SERIES_CREATED: &str = "ingest_series_created_total";

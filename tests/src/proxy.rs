@@ -6,14 +6,17 @@
 //! service ends the session, rolling back its transaction) and closes the
 //! listening socket, so that new connections are refused; it keeps the port
 //! bound meanwhile, so no other listener takes it. [`TcpProxy::restore`]
-//! listens again on the same port. The proxy runs
+//! listens again on the same port. [`TcpProxy::blackhole_at`] makes one
+//! connection go silent at a chosen message, both ways, without closing
+//! it: a peer that vanished, as neither end can tell. The proxy runs
 //! on the calling test's tokio runtime; dropping it closes everything.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -45,6 +48,18 @@ struct Shared {
     reset: AtomicU64,
     /// Connections open now.
     open: AtomicU64,
+    /// The armed blackhole, taken by the first connection that matches it.
+    trap: Mutex<Option<Blackhole>>,
+    /// Connections gone silent.
+    blackholed: AtomicU64,
+}
+
+/// Where a connection goes silent: at the first client bytes holding
+/// `marker`, either before they reach the server or just after.
+#[derive(Debug, Clone)]
+struct Blackhole {
+    marker: Vec<u8>,
+    forward_marker: bool,
 }
 
 impl TcpProxy {
@@ -59,6 +74,8 @@ impl TcpProxy {
             accepted: AtomicU64::new(0),
             reset: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            trap: Mutex::new(None),
+            blackholed: AtomicU64::new(0),
         });
         let acceptor = tokio::spawn(accept(listener, shared.clone()));
         TcpProxy {
@@ -151,6 +168,25 @@ impl TcpProxy {
         assert!(previous.is_none(), "restore() of a proxy that was not cut");
     }
 
+    /// Arms a blackhole for the next connection whose client sends bytes
+    /// holding `marker` (e.g. a PostgreSQL `COMMIT`): from then on nothing
+    /// more passes between that client and the server, either way, and
+    /// neither is told. With `forward_marker` the server still gets the
+    /// bytes that matched (a COMMIT the server carries out and the client
+    /// never hears about); without, they are lost too (a COMMIT that never
+    /// reached the server). Other connections are not touched.
+    pub fn blackhole_at(&self, marker: &[u8], forward_marker: bool) {
+        *self.shared.trap.lock().expect("not poisoned") = Some(Blackhole {
+            marker: marker.to_vec(),
+            forward_marker,
+        });
+    }
+
+    /// Connections gone silent by [`blackhole_at`](Self::blackhole_at) so far.
+    pub fn blackholed(&self) -> u64 {
+        self.shared.blackholed.load(Ordering::SeqCst)
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
@@ -214,10 +250,94 @@ async fn relay(mut client: TcpStream, born: u64, shared: Arc<Shared>) {
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    tokio::select! {
-        // One side closed: the other was told (FIN); nothing to reset.
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        () = cut_since(&shared, born) => reset(&shared, &[&client, &server]),
+    let silent = AtomicBool::new(false);
+    let was_cut = {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        tokio::select! {
+            // One side closed or failed: the relay ends, closing both.
+            () = client_to_server(&mut client_read, &mut server_write, &shared, &silent) => false,
+            () = server_to_client(&mut server_read, &mut client_write, &silent) => false,
+            () = cut_since(&shared, born) => true,
+        }
+    };
+    if was_cut {
+        reset(&shared, &[&client, &server]);
+    }
+}
+
+/// Copies the client's bytes to the server, watching for an armed blackhole;
+/// once silent, reads and drops them.
+async fn client_to_server(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    shared: &Shared,
+    silent: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if silent.load(Ordering::SeqCst) {
+            continue;
+        }
+        let bytes = &buf[..n];
+        let trapped = {
+            let mut trap = shared.trap.lock().expect("not poisoned");
+            let hit = trap
+                .as_ref()
+                .filter(|t| {
+                    bytes
+                        .windows(t.marker.len())
+                        .any(|w| w == t.marker.as_slice())
+                })
+                .cloned();
+            if hit.is_some() {
+                *trap = None;
+            }
+            hit
+        };
+        if let Some(trap) = &trapped {
+            if trap.forward_marker && to.write_all(bytes).await.is_err() {
+                return;
+            }
+            silent.store(true, Ordering::SeqCst);
+            shared.blackholed.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        if to.write_all(bytes).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Copies the server's bytes to the client until the connection goes silent;
+/// then reads and drops them.
+async fn server_to_client(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    silent: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) if silent.load(Ordering::SeqCst) => {
+                // The server gave up on the silent client: the client must
+                // not hear even that. Stay open until it closes.
+                std::future::pending::<()>().await;
+                return;
+            }
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if silent.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -717,3 +717,195 @@ async fn a_lease_lost_and_taken_back_while_its_rows_wait_loses_and_doubles_nothi
     assert!(worker.is_running(), "w1 exited");
     clean_up([worker], &source, db).await;
 }
+
+/// Lease rows of `stream`: shard -> lease counter. The stream has some.
+async fn lease_counters(client: &Client, stream: &str) -> HashMap<String, i64> {
+    let counters: HashMap<String, i64> = client
+        .query(
+            "SELECT shard_id, lease_counter FROM ingest.shard_leases
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1)",
+            &[&stream],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(!counters.is_empty(), "no lease rows for stream {stream}");
+    counters
+}
+
+/// The shards of `stream` whose lease is not w1's or has expired. The
+/// stream has lease rows, so that an empty answer means something.
+async fn lapsed_leases(client: &Client, stream: &str) -> Vec<String> {
+    lease_counters(client, stream).await;
+    client
+        .query(
+            "SELECT shard_id FROM ingest.shard_leases
+             WHERE stream IN (SELECT lease_key FROM ingest.streams WHERE name = $1)
+               AND (owner IS DISTINCT FROM 'w1' OR expires_at <= now())",
+            &[&stream],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits until the proxy made `count` connections silent.
+async fn wait_for_blackholed(proxy: &TcpProxy, count: u64) {
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    while proxy.blackholed() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no batch COMMIT went through the proxy within {SETTLE_WITHIN:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_gone_silent_before_commit_stalls_neither_other_shards_nor_renewals() {
+    let db = TestDb::migrated("faults_silent_commit").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("silent-commit", 4).await;
+    let proxy = TcpProxy::start(&host_port(&db.url)).await;
+    let mut worker =
+        ConsumerProcess::start(&proxy.url_via(&db.url), &stream, "w1", &["--writers", "2"]);
+    wait_for_leases(&client, &stream, "w1", 4).await;
+    let producer = Producer::start(source.clone(), 40, 40, Duration::from_millis(100), 10_000);
+    let landed = wait_for_count(&client, SAMPLES, 400, LAND_WITHIN).await;
+    assert!(landed >= 400, "only {landed} rows before the fault");
+    let counters = lease_counters(&client, &stream).await;
+
+    // The next COMMIT a writer sends never reaches the server, and the
+    // writer hears nothing either: its backend sits idle in a transaction
+    // that holds its shards' lease rows.
+    proxy.blackhole_at(b"COMMIT", false);
+    wait_for_blackholed(&proxy, 1).await;
+    let at_fault: HashMap<String, Option<String>> = leases(&client, &stream)
+        .await
+        .into_iter()
+        .map(|(shard, (_, _, checkpoint))| (shard, checkpoint))
+        .collect();
+
+    // For four lease times: every lease stays w1's, unexpired, under the
+    // counter it had (renewal neither waits on the stuck rows nor stops).
+    let watch_until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            lapsed_leases(&client, &stream).await,
+            Vec::<String>::new(),
+            "leases lapsed or moved while one connection was silent"
+        );
+        assert_eq!(
+            lease_counters(&client, &stream).await,
+            counters,
+            "lease counters"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The other writer's shards kept committing meanwhile.
+    let moved = leases(&client, &stream)
+        .await
+        .into_iter()
+        .filter(|(shard, (_, _, checkpoint))| at_fault[shard] != *checkpoint)
+        .count();
+    assert!(
+        moved >= 1,
+        "no shard committed while one writer's connection was silent"
+    );
+    assert!(worker.is_running(), "w1 exited");
+
+    // The silent writer gives its connection up and writes its batch again:
+    // nothing lost, nothing doubled, no lease moved.
+    let put = producer.finish().await;
+    assert_exactly(&client, &put, "after the silent connection").await;
+    assert_eq!(
+        lease_counters(&client, &stream).await,
+        counters,
+        "lease counters at the end"
+    );
+    assert!(worker.is_running(), "w1 exited");
+    clean_up([worker], &source, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_whose_answer_is_lost_keeps_its_shards_read_under_the_same_leases() {
+    let db = TestDb::migrated("faults_lost_commit_answer").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("lost-commit-answer", 2).await;
+    let proxy = TcpProxy::start(&host_port(&db.url)).await;
+    let mut worker =
+        ConsumerProcess::start(&proxy.url_via(&db.url), &stream, "w1", &["--writers", "1"]);
+    wait_for_leases(&client, &stream, "w1", 2).await;
+    let producer = Producer::start(source.clone(), 40, 40, Duration::from_millis(100), 4_000);
+    let landed = wait_for_count(&client, SAMPLES, 400, LAND_WITHIN).await;
+    assert!(landed >= 400, "only {landed} rows before the fault");
+    let counters = lease_counters(&client, &stream).await;
+
+    // The server gets the next COMMIT and carries it out; the writer never
+    // hears, gives the connection up and sends the same batch again.
+    proxy.blackhole_at(b"COMMIT", true);
+    wait_for_blackholed(&proxy, 1).await;
+    let put = producer.finish().await;
+    assert_exactly(&client, &put, "after the lost answer").await;
+    // The retry found its batch committed, not its leases lost: the shards
+    // were read on without a pause for the leases to lapse and be taken again.
+    assert_eq!(
+        lease_counters(&client, &stream).await,
+        counters,
+        "lease counters"
+    );
+    assert_eq!(
+        lapsed_leases(&client, &stream).await,
+        Vec::<String>::new(),
+        "leases lapsed or moved"
+    );
+    assert!(worker.is_running(), "w1 exited");
+    clean_up([worker], &source, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_list_that_never_answers_costs_no_lease() {
+    let db = TestDb::migrated("faults_list_shards_hangs").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("list-shards-hangs", 2).await;
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").expect("the stack's Kinesis");
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let via = proxy.url_via(&kinesis);
+    let mut worker = ConsumerProcess::start_with_env(
+        &db.url,
+        &stream,
+        "w1",
+        &[],
+        &[("AWS_ENDPOINT_URL_KINESIS", &via)],
+    );
+    wait_for_leases(&client, &stream, "w1", 2).await;
+    let counters = lease_counters(&client, &stream).await;
+    let producer = Producer::start(source.clone(), 20, 20, Duration::from_millis(100), 3_000);
+
+    // The next ListShards (every --shard-sync-interval, 2 s here) goes out
+    // and no answer ever comes: worse than a throttled one retried with backoff.
+    proxy.blackhole_at(b"Kinesis_20131202.ListShards", false);
+    wait_for_blackholed(&proxy, 1).await;
+    let watch_until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            lapsed_leases(&client, &stream).await,
+            Vec::<String>::new(),
+            "leases lapsed or moved while ListShards hung"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let put = producer.finish().await;
+    assert_exactly(&client, &put, "while ListShards hung").await;
+    assert_eq!(
+        lease_counters(&client, &stream).await,
+        counters,
+        "lease counters"
+    );
+    assert!(worker.is_running(), "w1 exited");
+    clean_up([worker], &source, db).await;
+}

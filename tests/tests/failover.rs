@@ -191,3 +191,141 @@ async fn an_unreachable_consul_dns_is_a_clear_error_retried_until_it_answers() {
     let _ = std::fs::remove_dir_all(&dns_dir);
     db.drop().await;
 }
+
+/// `count` records of device `{prefix}-{k}` for k in 0..devices, from
+/// `first_ts` (ms, 1 ms apart). A value names its device (`code` a million
+/// times, plus k a thousand times, plus a running number below a thousand),
+/// so that a sample stored under another device's series shows.
+fn coded_records(
+    prefix: &str,
+    code: i64,
+    devices: i64,
+    count: i64,
+    first_ts: i64,
+) -> Vec<(String, bytes::Bytes)> {
+    (0..count)
+        .map(|i| {
+            let k = i % devices;
+            let value = code * 1_000_000 + k * 1_000 + i / devices;
+            tests::consumer::record(&format!("{prefix}-{k}"), first_ts + i, value as f64)
+        })
+        .collect()
+}
+
+/// Samples whose series is not the device their value names, or no series at all.
+const MISPLACED: &str = "SELECT count(*) FROM telemetry.samples s
+    LEFT JOIN telemetry.series r USING (series_id)
+    WHERE r.device IS DISTINCT FROM
+          (CASE floor(s.value / 1e6) WHEN 1 THEN 'a-' WHEN 2 THEN 'b-' ELSE 'c-' END)
+          || (floor(s.value / 1e3)::bigint % 1000)::text";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn series_ids_learnt_before_a_lossy_failover_are_not_used_after_it() {
+    let name = "master.lossy.service.consul";
+    let mut cluster = FailoverCluster::start("failover_lossy", name);
+    let dns = cluster.dns.address();
+    let url = format!(
+        "postgres://postgres@{name}:{}/postgres",
+        cluster.primary.port
+    );
+    let output = tests::run_ingest(
+        &["migrate", "--database-url", &url, "--consul-dns", &dns],
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (stream, source) = create_stream("failover-lossy", 1).await;
+    let mut worker = ConsumerProcess::start(&url, &stream, "lossy-w1", &["--consul-dns", &dns]);
+    let primary = tests::connect(&cluster.primary.url("postgres")).await;
+    let standby = tests::connect(&cluster.standby.url("postgres")).await;
+
+    // Ten series, on both servers.
+    let first = coded_records("a", 1, 10, 100, base_ts());
+    source.put_records(&first).await.unwrap();
+    assert_eq!(
+        wait_for_count(&primary, SAMPLES, 100, LAND_WITHIN).await,
+        100
+    );
+    assert_eq!(
+        wait_for_count(&standby, SAMPLES, 100, LAND_WITHIN).await,
+        100
+    );
+
+    // The standby stops receiving (asynchronous replication falling
+    // behind); sixty new series are created on the primary alone, and the
+    // worker's writer caches their ids.
+    standby
+        .execute("ALTER SYSTEM SET primary_conninfo = ''", &[])
+        .await
+        .unwrap();
+    standby
+        .execute("SELECT pg_reload_conf()", &[])
+        .await
+        .unwrap();
+    let receivers = "SELECT count(*) FROM pg_stat_wal_receiver";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_of(&standby, receivers).await > 0 {
+        assert!(Instant::now() < deadline, "the standby kept receiving WAL");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = coded_records("b", 2, 60, 120, base_ts() + 1_000_000);
+    source.put_records(&second).await.unwrap();
+    assert_eq!(
+        wait_for_count(&primary, SAMPLES, 220, LAND_WITHIN).await,
+        220
+    );
+    assert_eq!(
+        count_of(&standby, SAMPLES).await,
+        100,
+        "the standby lacks the new rows"
+    );
+
+    // Failover: the new primary lacks those series, and its identity
+    // sequence hands their ids out again, here to sixty other devices.
+    tokio::task::block_in_place(|| cluster.fail_over());
+    drop(primary);
+    let third: Vec<_> = coded_records("c", 3, 60, 120, base_ts() + 2_000_000)
+        .into_iter()
+        .chain(coded_records("b", 2, 60, 120, base_ts() + 3_000_000))
+        .collect();
+    source.put_records(&third).await.unwrap();
+    let after =
+        "SELECT count(*) FROM telemetry.samples WHERE time >= to_timestamp($1::float8 / 1000)";
+    let deadline = Instant::now() + LAND_WITHIN;
+    let since = (base_ts() + 2_000_000) as f64;
+    loop {
+        let landed: i64 = standby.query_one(after, &[&since]).await.unwrap().get(0);
+        if landed >= third.len() as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{landed} of {} rows put after the failover landed",
+            third.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let landed: i64 = standby.query_one(after, &[&since]).await.unwrap().get(0);
+    assert_eq!(
+        landed,
+        third.len() as i64,
+        "rows put after the failover, once each"
+    );
+    assert_eq!(
+        count_of(&standby, MISPLACED).await,
+        0,
+        "samples under another device's series, or under no series"
+    );
+    assert!(
+        worker.is_running(),
+        "the consumer exited during the failover"
+    );
+}
+
+async fn count_of(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect("count").get(0)
+}

@@ -210,10 +210,11 @@ async fn a_lost_lease_writes_nothing_and_names_the_shard() {
         write_batch(&mut client, "s", "w1", &rest).await.unwrap(),
         Outcome::Committed
     );
-    // And a checkpoint never moves backwards: the same segment again is refused.
+    // The same segment again (a retry after a COMMIT whose answer was lost)
+    // writes nothing, and says the batch is in, not that the lease is lost.
     assert_eq!(
         write_batch(&mut client, "s", "w1", &rest).await.unwrap(),
-        Outcome::LeasesLost(vec!["shard-a".into()])
+        Outcome::AlreadyCommitted
     );
     let samples: i64 = client
         .query_one("SELECT count(*) FROM telemetry.samples", &[])
@@ -221,5 +222,57 @@ async fn a_lost_lease_writes_nothing_and_names_the_shard() {
         .unwrap()
         .get(0);
     assert_eq!(samples, 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_batch_naming_a_series_the_database_lacks_is_refused_whole() {
+    let db = TestDb::migrated("sink_unknown_series").await;
+    let mut client = db.client().await;
+    add_lease(&client, "shard-a", "w1", 1).await;
+    let mut batch = Batch::new();
+    let mut cache = SeriesCache::default();
+    add(
+        &mut batch,
+        &mut cache,
+        &client,
+        "shard-a",
+        1,
+        &[("5", r#"{"device":"d","x":1}"#)],
+    )
+    .await;
+    // An id learnt from a server that is no longer the primary.
+    let stale = ingest::batch::SeriesKey {
+        house: String::new(),
+        device: "gone".into(),
+        metric: "x".into(),
+    };
+    cache.insert(&stale, 4242);
+    add(
+        &mut batch,
+        &mut cache,
+        &client,
+        "shard-a",
+        1,
+        &[("6", r#"{"device":"gone","x":2}"#)],
+    )
+    .await;
+    let segments: Vec<_> = batch.take().into_iter().map(|s| s.seal()).collect();
+    let error = write_batch(&mut client, "s", "w1", &segments)
+        .await
+        .expect_err("series 4242 does not exist");
+    assert!(error.is_unknown_series(), "{error}");
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM telemetry.samples), (SELECT count(checkpoint) FROM ingest.shard_leases)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (0, 0),
+        "nothing of the batch was written"
+    );
     db.drop().await;
 }

@@ -1,6 +1,6 @@
 //! The rows one shard contributes to a batch, and the checkpoint they move.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use bytes::{Bytes, BytesMut};
 
@@ -35,6 +35,8 @@ pub struct Segment {
     /// Tuples for telemetry.samples (time, series_id, value).
     samples: BytesMut,
     sample_rows: usize,
+    /// The series ids the samples name, checked in the batch's transaction.
+    series_ids: HashSet<i32>,
     /// Tuples for telemetry.events (time, house, device, kind, body).
     events: BytesMut,
     event_rows: usize,
@@ -76,6 +78,7 @@ impl Segment {
             marks: Vec::new(),
             samples: BytesMut::new(),
             sample_rows: 0,
+            series_ids: HashSet::new(),
             events: BytesMut::new(),
             event_rows: 0,
             dead_letters: BytesMut::new(),
@@ -108,6 +111,7 @@ impl Segment {
                 .timestamptz(reading.time)
                 .int4(id)
                 .float8(sample.value);
+            self.series_ids.insert(id);
         }
         self.sample_rows += reading.samples.len();
         for event in &reading.events {
@@ -220,6 +224,7 @@ impl Segment {
             rows,
             marks: self.marks,
             samples: self.samples.freeze(),
+            series_ids: self.series_ids.into_iter().collect(),
             events: self.events.freeze(),
             dead_letters: self.dead_letters.freeze(),
         }
@@ -247,6 +252,8 @@ pub struct SealedSegment {
     pub rows: (usize, usize, usize),
     /// Tuples for telemetry.samples.
     pub samples: Bytes,
+    /// Every series id the samples name, each once.
+    pub series_ids: Vec<i32>,
     /// Tuples for telemetry.events.
     pub events: Bytes,
     /// Tuples for ingest.dead_letters.

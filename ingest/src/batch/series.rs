@@ -65,6 +65,11 @@ impl SeriesCache {
         }
     }
 
+    /// Forgets every id (the server they came from is no longer the primary).
+    pub fn clear(&mut self) {
+        self.ids.clear();
+    }
+
     /// The id of a known series.
     pub fn get(&mut self, house: &str, device: &str, metric: &str) -> Option<i32> {
         join(&mut self.scratch, house, device, metric);

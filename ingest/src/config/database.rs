@@ -83,6 +83,34 @@ impl DatabaseConfig {
         self
     }
 
+    /// Server-side limits for the consumer's sessions, sent as startup
+    /// options. A session idle inside a transaction for `idle_in_transaction`
+    /// is ended by the server: its client is gone (a connection that died
+    /// before COMMIT reached the server would otherwise hold its rows' locks
+    /// until TCP gives up, hours later, or forever behind a silent peer). With
+    /// `lock`, a statement waits at most that long for a lock, then fails with
+    /// SQLSTATE 55P03 (for the lease statements, which must never stall the
+    /// renewals behind them).
+    pub fn with_stuck_session_limits(
+        mut self,
+        idle_in_transaction: Duration,
+        lock: Option<Duration>,
+    ) -> Self {
+        let mut limits = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            idle_in_transaction.as_millis().max(1)
+        );
+        if let Some(lock) = lock {
+            limits.push_str(&format!(" -c lock_timeout={}", lock.as_millis().max(1)));
+        }
+        let options = match self.postgres.get_options() {
+            Some(options) if !options.is_empty() => format!("{options} {limits}"),
+            _ => limits,
+        };
+        self.postgres.options(&options);
+        self
+    }
+
     /// Uses `password` instead of any password in the URL (from the
     /// environment or a mounted secret file, so that it never sits in a URL).
     pub fn with_password(mut self, password: &str) -> Self {
@@ -124,6 +152,23 @@ pub fn redact_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stuck_session_limits_are_added_to_the_options() {
+        let config = DatabaseConfig::validate(
+            "--database-url",
+            "postgres://u@h/db?options=-c%20search_path%3Dx",
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .with_stuck_session_limits(Duration::from_secs(1), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            config.postgres.get_options(),
+            Some(
+                "-c search_path=x -c idle_in_transaction_session_timeout=1000 -c lock_timeout=1500"
+            )
+        );
+    }
 
     #[test]
     fn passwords_are_hidden() {

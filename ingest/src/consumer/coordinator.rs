@@ -69,7 +69,8 @@ struct Coordinator {
     /// Set when the stream was found created again: the worker stops.
     recreated: bool,
     store: LeaseStore,
-    /// Connections for the coordinator and the writers.
+    /// The coordinator's connections (lease statements time out on locks);
+    /// `forget_all` forgets the writers' too.
     database: Database,
     storage: schema::Storage,
     /// The shard list as last read, for parents and start positions.
@@ -117,8 +118,25 @@ pub async fn run(
         Some(name) => Some(Archive::from_env(name).await?),
         None => None,
     };
-    // One connection per writer, one for the coordinator, one spare.
-    let database = Database::new(config.database.clone(), config.writers + 2);
+    // A connection per writer and one spare; the coordinator's own pool
+    // adds a lock timeout, so that no lease statement waits on a batch. A
+    // third of a lease: locks held by a dead session are freed, and the
+    // leases renewed, before a lease lapses.
+    let stuck_after = config.lease_ttl / 3;
+    let database = Database::new(
+        config
+            .database
+            .clone()
+            .with_stuck_session_limits(stuck_after, None),
+        config.writers + 1,
+    );
+    let lease_database = database.sibling(
+        config
+            .database
+            .clone()
+            .with_stuck_session_limits(stuck_after, Some(stuck_after)),
+        2,
+    );
     // Wait for a database that is not there yet (DNS failing, starting up);
     // fail at once on what a person must fix (credentials, no such database).
     let (storage, window) = {
@@ -174,8 +192,10 @@ pub async fn run(
             events: events_tx.clone(),
 
             batch: Batch::new(),
+            pending: Vec::new(),
             cache: SeriesCache::with_capacity(config.series_cache_size),
             new_series_limit: config.max_new_series_per_device.map(NewSeriesLimit::new),
+            cache_generation: database.generation(),
             lost: Default::default(),
         };
         writers.spawn(writer.run());
@@ -189,7 +209,7 @@ pub async fn run(
         identity,
         recreated: false,
         store,
-        database,
+        database: lease_database,
         storage,
         shards: HashMap::new(),
         running: HashMap::new(),
@@ -276,14 +296,43 @@ impl Coordinator {
     async fn try_round(&mut self) -> Result<(), RoundError> {
         let connection = self.database.get().await?;
         let client: &tokio_postgres::Client = &connection;
+        // Renewal first: nothing else in the round may cost the leases.
+        self.store.heartbeat(client).await?;
+        let held: Vec<HeldLease> = self
+            .running
+            .iter()
+            .map(|(shard_id, r)| HeldLease {
+                shard_id: shard_id.clone(),
+                counter: r.lease_counter,
+                checkpoint: None,
+                start_at: None,
+                checkpoint_sub: None,
+            })
+            .collect();
+        let still_held = self.store.renew(client, &held).await?;
+        for lease in held.iter().filter(|l| !still_held.contains(&l.shard_id)) {
+            tracing::info!(shard = %lease.shard_id, "lease no longer ours (taken over or shard ended)");
+            self.stop_shard(&lease.shard_id, lease.counter);
+        }
+
         if self.sync_due || self.last_sync.elapsed() >= self.config.shard_sync_interval {
+            // A throttled DescribeStreamSummary or ListShards retries with
+            // backoff; given no more than one lease interval together they
+            // cannot hold up the next renewal.
+            let (now, shards) = tokio::time::timeout(self.config.lease_interval, async {
+                Ok::<_, RoundError>((
+                    self.source.describe_stream().await?,
+                    self.source.list_shards().await?,
+                ))
+            })
+            .await
+            .map_err(|_| RoundError::ShardListLate)??;
             // The same name may now be another stream: its shards are not ours.
-            if let Some(now) = self.source.describe_stream().await?
+            if let Some(now) = now
                 && (now.arn != self.identity.arn || now.created_at != self.identity.created_at)
             {
                 return Err(RoundError::Recreated);
             }
-            let shards = self.source.list_shards().await?;
             let rows: Vec<(String, Vec<String>)> = shards
                 .iter()
                 .map(|s| (s.shard_id.clone(), s.parent_shard_ids.clone()))
@@ -308,24 +357,6 @@ impl Coordinator {
                 .collect();
             self.sync_due = false;
             self.last_sync = Instant::now();
-        }
-
-        self.store.heartbeat(client).await?;
-        let held: Vec<HeldLease> = self
-            .running
-            .iter()
-            .map(|(shard_id, r)| HeldLease {
-                shard_id: shard_id.clone(),
-                counter: r.lease_counter,
-                checkpoint: None,
-                start_at: None,
-                checkpoint_sub: None,
-            })
-            .collect();
-        let still_held = self.store.renew(client, &held).await?;
-        for lease in held.iter().filter(|l| !still_held.contains(&l.shard_id)) {
-            tracing::info!(shard = %lease.shard_id, "lease no longer ours (taken over or shard ended)");
-            self.stop_shard(&lease.shard_id, lease.counter);
         }
 
         let fleet = self.store.fleet(client).await?;
@@ -513,4 +544,6 @@ enum RoundError {
     Connect(#[from] db::ConnectError),
     #[error("the stream was deleted and created again")]
     Recreated,
+    #[error("the shard list took longer than a lease interval; reading it again next round")]
+    ShardListLate,
 }

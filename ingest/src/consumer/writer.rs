@@ -51,11 +51,24 @@ pub struct Writer {
     pub events: mpsc::UnboundedSender<WriterEvent>,
 
     pub batch: Batch,
+    /// The chunks the batch was encoded from, kept until it commits: after a
+    /// failover the batch is encoded again with ids from the new primary.
+    pub pending: Vec<Chunk>,
     pub cache: SeriesCache,
+    /// The pool's generation the cache's ids (and the batch's) were read in.
+    pub cache_generation: u64,
     /// New series a device may create per hour; None: no limit.
     pub new_series_limit: Option<NewSeriesLimit>,
     /// Leases found lost: chunks read under them are dropped.
     pub lost: HashSet<(String, i64)>,
+}
+
+/// Whether a chunk is encoded for the first time (its dead letters are
+/// counted, and the batch may end inside it) or again after a failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    New,
+    Again,
 }
 
 /// Longest a batch transaction may take before its connection is given up
@@ -91,7 +104,8 @@ impl Writer {
     }
 
     /// Puts a chunk into the batch, creating its new series first.
-    async fn add(&mut self, chunk: Chunk) -> Result<(), WriterError> {
+    async fn add(&mut self, mut chunk: Chunk) -> Result<(), WriterError> {
+        self.forget_stale_series().await?;
         if self
             .lost
             .contains(&(chunk.shard_id.clone(), chunk.lease_counter))
@@ -116,16 +130,54 @@ impl Writer {
                 return Ok(());
             }
             self.batch.drop_lease(&chunk.shard_id, older);
+            self.pending
+                .retain(|c| c.shard_id != chunk.shard_id || c.lease_counter != older);
         }
-        let refused = self.resolve_series_of(&chunk).await?;
-
         let lease = (chunk.shard_id.clone(), chunk.lease_counter);
+        // A batch may end inside a chunk, and so inside a KPL aggregate (the
+        // checkpoint then holds the sub-sequence): its limits hold however
+        // many user records one Kinesis record carries. The part encoded
+        // joins the batch's pending chunks and is committed; the rest goes on.
+        while let Some(split) = self.encode(&chunk, Encoding::New).await? {
+            let rest = chunk.items.split_off(split);
+            let head = Chunk {
+                shard_id: chunk.shard_id.clone(),
+                lease_counter: chunk.lease_counter,
+                items: std::mem::replace(&mut chunk.items, rest),
+                end_of_shard: false,
+                millis_behind_latest: None,
+            };
+            self.pending.push(head);
+            self.flush().await?;
+            if self.lost.contains(&lease) {
+                return Ok(());
+            }
+        }
+        self.pending.push(chunk);
+        Ok(())
+    }
+
+    /// Encodes a chunk into the batch, resolving its series first. A new
+    /// chunk stops where the batch becomes due before its last item: the
+    /// index of the first item not encoded. A chunk encoded again (after the
+    /// series ids were forgotten) is encoded whole, as it was before.
+    async fn encode(
+        &mut self,
+        chunk: &Chunk,
+        encoding: Encoding,
+    ) -> Result<Option<usize>, WriterError> {
+        let refused = self.resolve_series_of(chunk).await?;
+        let mut split = None;
         for (index, (item, refused)) in chunk.items.iter().zip(&refused).enumerate() {
-            let segment = self.batch.segment(&lease.0, lease.1, Instant::now());
+            let segment = self
+                .batch
+                .segment(&chunk.shard_id, chunk.lease_counter, Instant::now());
             match (&item.decoded, refused) {
                 (Ok(_), Some(reason)) => {
-                    metrics::counter!(m::DEAD_LETTERS, "reason" => SERIES_LIMIT).increment(1);
-                    tracing::debug!(shard = %lease.0, sequence = %item.sequence_number, sub_sequence = ?item.sub_sequence, %reason, "dead letter");
+                    if encoding == Encoding::New {
+                        metrics::counter!(m::DEAD_LETTERS, "reason" => SERIES_LIMIT).increment(1);
+                        tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, sub_sequence = ?item.sub_sequence, %reason, "dead letter");
+                    }
                     segment.add_refused(
                         &self.stream,
                         &item.sequence_number,
@@ -139,8 +191,10 @@ impl Writer {
                     .add_reading(reading, &mut self.cache)
                     .expect("every series of the chunk was just resolved"),
                 (Err(error), _) => {
-                    metrics::counter!(m::DEAD_LETTERS, "reason" => error.kind()).increment(1);
-                    tracing::debug!(shard = %lease.0, sequence = %item.sequence_number, sub_sequence = ?item.sub_sequence, %error, "dead letter");
+                    if encoding == Encoding::New {
+                        metrics::counter!(m::DEAD_LETTERS, "reason" => error.kind()).increment(1);
+                        tracing::debug!(shard = %chunk.shard_id, sequence = %item.sequence_number, sub_sequence = ?item.sub_sequence, %error, "dead letter");
+                    }
                     segment.add_dead_letter(
                         &self.stream,
                         &item.sequence_number,
@@ -156,20 +210,22 @@ impl Writer {
                 item.ends_record,
                 &item.raw,
             );
-            // A batch may end inside a chunk, and so inside a KPL aggregate
-            // (the checkpoint then holds the sub-sequence): its limits hold
-            // however many user records one Kinesis record carries.
-            if index + 1 < chunk.items.len() && self.batch.is_due(&self.policy, Instant::now()) {
-                self.flush().await?;
-                if self.lost.contains(&lease) {
-                    return Ok(());
-                }
+            if encoding == Encoding::New
+                && index + 1 < chunk.items.len()
+                && self.batch.is_due(&self.policy, Instant::now())
+            {
+                split = Some(index + 1);
+                break;
             }
         }
-        let segment = self.batch.segment(&lease.0, lease.1, Instant::now());
-        segment.ended |= chunk.end_of_shard;
-        if chunk.millis_behind_latest.is_some() {
-            segment.millis_behind_latest = chunk.millis_behind_latest;
+        if split.is_none() {
+            let segment = self
+                .batch
+                .segment(&chunk.shard_id, chunk.lease_counter, Instant::now());
+            segment.ended |= chunk.end_of_shard;
+            if chunk.millis_behind_latest.is_some() {
+                segment.millis_behind_latest = chunk.millis_behind_latest;
+            }
         }
         // Only now: the chunk's series had to stay in the cache until encoded.
         self.cache.trim();
@@ -179,7 +235,31 @@ impl Writer {
         metrics::counter!(m::SERIES_CACHE_EVICTIONS).increment(stats.evictions);
         metrics::gauge!(m::SERIES_CACHE_SERIES, "writer" => self.index.to_string())
             .set(self.cache.len() as f64);
-        Ok(())
+        Ok(split)
+    }
+
+    /// Forgets every series id once the pool forgot its connections (the
+    /// primary moved: the new one may lack the newest series, or have given
+    /// their ids to others), and encodes the batch again from its chunks.
+    /// Returns whether it did.
+    async fn forget_stale_series(&mut self) -> Result<bool, WriterError> {
+        let generation = self.database.generation();
+        if generation == self.cache_generation {
+            return Ok(false);
+        }
+        tracing::info!(
+            writer = self.index,
+            series = self.cache.len(),
+            "the database connections were renewed: forgetting the series ids"
+        );
+        self.cache.clear();
+        self.cache_generation = generation;
+        self.batch = Batch::new();
+        for chunk in std::mem::take(&mut self.pending) {
+            self.encode(&chunk, Encoding::Again).await?;
+            self.pending.push(chunk);
+        }
+        Ok(true)
     }
 
     /// Puts the id of every series the chunk's readings name into the
@@ -273,8 +353,9 @@ impl Writer {
     }
 
     /// Commits the batch; on lost leases drops those shards and commits the
-    /// rest; on errors that may pass, retries the same bytes until they do;
-    /// when the database refuses some rows, writes the batch again record by
+    /// rest; on errors that may pass, retries the same bytes until they do,
+    /// or bytes encoded again when the series ids went stale meanwhile; when
+    /// the database refuses some rows, writes the batch again record by
     /// record, the refused records as dead letters.
     async fn flush(&mut self) -> Result<(), WriterError> {
         let mut segments: Vec<SealedSegment> =
@@ -284,6 +365,10 @@ impl Writer {
         // would be refused again.
         let mut bisecting = false;
         while !segments.is_empty() {
+            if self.forget_stale_series().await? {
+                segments = self.batch.take().into_iter().map(|s| s.seal()).collect();
+                continue;
+            }
             let started = Instant::now();
             let mut connection = self.database.get_retrying().await?;
             let write = async {
@@ -309,13 +394,20 @@ impl Writer {
                     }));
             drop(connection);
             match written {
-                Ok((Outcome::Committed, refused)) => {
+                Ok((outcome @ (Outcome::Committed | Outcome::AlreadyCommitted), refused)) => {
+                    if outcome == Outcome::AlreadyCommitted {
+                        tracing::info!(
+                            writer = self.index,
+                            "the batch had committed before its connection was lost; reading on"
+                        );
+                    }
                     record_commit(&segments, &refused, started.elapsed());
                     for segment in segments.iter().filter(|s| s.ended) {
                         let _ = self.events.send(WriterEvent::ShardEnded {
                             shard_id: segment.shard_id.clone(),
                         });
                     }
+                    self.pending.clear();
                     return Ok(());
                 }
                 Ok((Outcome::LeasesLost(lost), _)) => {
@@ -326,6 +418,7 @@ impl Writer {
                             .map(|s| s.lease_counter)
                             .collect();
                         segments.retain(|s| s.shard_id != shard_id);
+                        self.pending.retain(|c| c.shard_id != shard_id);
                         for lease_counter in counters {
                             tracing::info!(shard = %shard_id, lease_counter, "lease lost to another worker; dropping its rows");
                             metrics::counter!(m::LEASES_LOST).increment(1);
@@ -337,6 +430,15 @@ impl Writer {
                         }
                     }
                 }
+                Err(error) if error.is_unknown_series() => {
+                    // Ids from a server that stopped being the primary, in a
+                    // batch encoded before the pool noticed: encode it again.
+                    self.cache_generation = u64::MAX;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(writer = self.index, %error, retry_in = ?delay, "series ids unknown to the database; resolving them again");
+                    metrics::counter!(m::RETRIES, "cause" => error.cause()).increment(1);
+                    tokio::time::sleep(delay).await;
+                }
                 Err(error) if error.is_data_error() && !bisecting => {
                     tracing::warn!(writer = self.index, %error, "the database refused rows of the batch; writing it record by record");
                     metrics::counter!(m::BATCHES_BISECTED).increment(1);
@@ -345,6 +447,8 @@ impl Writer {
                 Err(error) => self.retry_or_fail(error, &mut backoff).await?,
             }
         }
+        // Every lease of the batch was lost.
+        self.pending.clear();
         Ok(())
     }
 

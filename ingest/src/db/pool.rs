@@ -1,10 +1,16 @@
 //! A small pool of connections that can forget them all at once.
 //!
-//! deadpool's managed pool with our own manager (deadpool-postgres's cannot
-//! resolve Consul names per connection). Each connection remembers the pool's
-//! generation when it was made; `forget_all` moves the generation on, so
-//! connections to a server that stopped being the primary are never handed
-//! out again, even those in use at that moment.
+//! deadpool's managed pool with our own manager. deadpool-postgres's
+//! `Manager::from_connect` would let a connector of ours resolve the Consul
+//! name per connection, but its `Connect` must fail with a
+//! `tokio_postgres::Error`, which nothing outside tokio-postgres can make: a
+//! DNS failure would lose its words and its "retrying may help", and the
+//! generation rule below would need a recycle hook besides. Each connection
+//! remembers the pool's generation when it was made; `forget_all` moves the
+//! generation on, so connections to a server that stopped being the primary
+//! are never handed out again, even those in use at that moment. Whatever was
+//! learnt from that server (the writers' series ids) is stale from then on:
+//! [`Database::generation`] tells its holders.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -78,6 +84,19 @@ impl managed::Manager for Connector {
         _: &Metrics,
     ) -> RecycleResult<ConnectError> {
         if connection.client.is_closed() {
+            // The server went away (a primary stopping closes its idle
+            // connections): the next connection may reach another server,
+            // so what was learnt from this one is stale, as after forget_all.
+            // Once per generation, however many connections find it closed.
+            let moved_on = self.generation.compare_exchange(
+                connection.generation,
+                connection.generation + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if moved_on.is_ok() {
+                metrics::counter!(m::PRIMARY_LOST).increment(1);
+            }
             return Err(RecycleError::message("the connection is closed"));
         }
         if connection.generation != self.generation.load(Ordering::Acquire) {
@@ -103,6 +122,26 @@ impl Database {
         Database {
             pool,
             generation,
+            display,
+        }
+    }
+
+    /// Another pool to the same server, for connections with other session
+    /// settings (`config`), sharing this pool's generation: a `forget_all`
+    /// of either forgets the connections of both.
+    pub fn sibling(&self, config: DatabaseConfig, max_connections: usize) -> Database {
+        let display = config.display.clone();
+        let pool = Pool::builder(Connector {
+            config,
+            generation: self.generation.clone(),
+        })
+        .max_size(max_connections)
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .expect("a pool with a runtime and no timeouts builds");
+        Database {
+            pool,
+            generation: self.generation.clone(),
             display,
         }
     }
@@ -134,6 +173,14 @@ impl Database {
                 result => return result,
             }
         }
+    }
+
+    /// Moves on at every [`forget_all`](Self::forget_all): what was read from
+    /// the database under an older generation may not hold on the server
+    /// that answers now (after a failover with asynchronous replication the
+    /// new primary may lack the newest rows and reuse their ids).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Drops every pooled connection, now and as each in use comes back:

@@ -152,6 +152,13 @@ impl LeaseStore {
 
     /// Extends the leases in `held`; returns the shard ids still held (the
     /// others were taken over, or ended and freed by a commit).
+    ///
+    /// First every lease whose row no batch holds locked, at once (`SKIP
+    /// LOCKED`): a batch whose connection died before COMMIT holds its rows
+    /// until the server ends its session, and the other leases must not wait
+    /// for it. Then the rows that were locked, waiting for their batches to
+    /// commit, at most the session's `lock_timeout` (an error: the next round
+    /// tries again, by when the server has ended a stuck session).
     pub async fn renew(
         &self,
         client: &Client,
@@ -161,6 +168,42 @@ impl LeaseStore {
         let counters: Vec<i64> = held.iter().map(|l| l.counter).collect();
         let rows = client
             .query(
+                "WITH mine AS (
+                     SELECT l.shard_id, l.lease_counter FROM ingest.shard_leases l
+                     JOIN unnest($4::text[], $5::int8[]) AS h(shard_id, counter)
+                       ON l.shard_id = h.shard_id AND l.lease_counter = h.counter
+                     WHERE l.stream = $1 AND l.owner = $2
+                 ), unlocked AS (
+                     SELECT l.shard_id FROM ingest.shard_leases l JOIN mine USING (shard_id, lease_counter)
+                     WHERE l.stream = $1 AND l.owner = $2
+                     FOR UPDATE OF l SKIP LOCKED
+                 ), renewed AS (
+                     UPDATE ingest.shard_leases l SET expires_at = now() + make_interval(secs => $3)
+                     FROM unlocked WHERE l.stream = $1 AND l.shard_id = unlocked.shard_id
+                     RETURNING l.shard_id
+                 )
+                 SELECT shard_id, shard_id IN (SELECT shard_id FROM renewed) FROM mine",
+                &[&self.stream, &self.worker, &self.ttl_secs(), &ids, &counters],
+            )
+            .await
+            .map_err(SinkError::during("renewing leases"))?;
+        let mut still_held: Vec<String> = Vec::new();
+        let mut locked: Vec<HeldLease> = Vec::new();
+        for row in &rows {
+            let shard_id: String = row.get(0);
+            if row.get::<_, bool>(1) {
+                still_held.push(shard_id);
+            } else if let Some(lease) = held.iter().find(|l| l.shard_id == shard_id) {
+                locked.push(lease.clone());
+            }
+        }
+        if locked.is_empty() {
+            return Ok(still_held);
+        }
+        let ids: Vec<&str> = locked.iter().map(|l| l.shard_id.as_str()).collect();
+        let counters: Vec<i64> = locked.iter().map(|l| l.counter).collect();
+        let rows = client
+            .query(
                 "UPDATE ingest.shard_leases l SET expires_at = now() + make_interval(secs => $3)
                  FROM unnest($4::text[], $5::int8[]) AS h(shard_id, counter)
                  WHERE l.stream = $1 AND l.owner = $2 AND l.shard_id = h.shard_id AND l.lease_counter = h.counter
@@ -168,8 +211,9 @@ impl LeaseStore {
                 &[&self.stream, &self.worker, &self.ttl_secs(), &ids, &counters],
             )
             .await
-            .map_err(SinkError::during("renewing leases"))?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+            .map_err(SinkError::during("renewing leases a batch held"))?;
+        still_held.extend(rows.iter().map(|row| row.get::<_, String>(0)));
+        Ok(still_held)
     }
 
     /// The fleet: live workers, readable and free shards, leases per owner.

@@ -17,6 +17,11 @@ pub enum SinkError {
     /// open through three rounds of asking.
     #[error("{count} series are still missing after three rounds of creating them")]
     SeriesStillMissing { count: usize },
+    /// Samples name series ids the database lacks: ids learnt from a server
+    /// that is no longer the primary (a failover lost the newest series).
+    /// Nothing was written; the writer forgets its ids and retries.
+    #[error("{missing} series ids of the batch are unknown to the database")]
+    UnknownSeries { missing: usize },
     /// The server did not answer in time: treated like a lost connection.
     #[error("{during}: no answer from the database in time")]
     TimedOut { during: &'static str },
@@ -33,7 +38,9 @@ impl SinkError {
     /// The transaction was rolled back, so retrying writes nothing twice.
     pub fn is_retriable(&self) -> bool {
         let error = match self {
-            SinkError::SeriesStillMissing { .. } | SinkError::TimedOut { .. } => return true,
+            SinkError::SeriesStillMissing { .. }
+            | SinkError::UnknownSeries { .. }
+            | SinkError::TimedOut { .. } => return true,
             SinkError::Database { error, .. } => error,
         };
         if error.is_closed() {
@@ -46,6 +53,8 @@ impl SinkError {
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE
                     || *code == SqlState::T_R_DEADLOCK_DETECTED
                     || *code == SqlState::QUERY_CANCELED
+                    // lock_timeout: a session holding the rows may yet end.
+                    || *code == SqlState::LOCK_NOT_AVAILABLE
                     || code.code().starts_with("08") // connection exception
                     || code.code().starts_with("57") // admin shutdown, crash shutdown, cannot connect now
                     || code.code().starts_with("53") // insufficient resources
@@ -58,7 +67,7 @@ impl SinkError {
     pub fn is_not_primary(&self) -> bool {
         let error = match self {
             SinkError::TimedOut { .. } => return true,
-            SinkError::SeriesStillMissing { .. } => return false,
+            SinkError::SeriesStillMissing { .. } | SinkError::UnknownSeries { .. } => return false,
             SinkError::Database { error, .. } => error,
         };
         error.is_closed()
@@ -101,10 +110,19 @@ impl SinkError {
         }
     }
 
+    /// Whether the server refused samples for series it does not have: ids
+    /// learnt from a server that is no longer the primary (a failover lost
+    /// the newest series). Retried after the writer forgets its ids.
+    pub fn is_unknown_series(&self) -> bool {
+        matches!(self, SinkError::UnknownSeries { .. })
+    }
+
     /// A stable label for the retries metric.
     pub fn cause(&self) -> &'static str {
         if self.is_not_primary() {
             "database_unavailable"
+        } else if self.is_unknown_series() {
+            "unknown_series"
         } else if self.is_retriable() {
             "database_conflict"
         } else {
