@@ -18,9 +18,15 @@
 //!    exponential backoff until the client acknowledges it.
 //! 5. The answer is 2.04 once Kinesis took the record, 5.03 with Max-Age
 //!    when it did not by `--put-timeout`.
+//!
+//! At most `--max-separate-responses` separate responses are resent at
+//! once (each may wait ~93 s for a peer that never acknowledges, a spoofed
+//! source); beyond that bound a separate response is sent once, as a
+//! client that lost it retransmits its request and gets it again from the
+//! exchange cache.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +43,7 @@ use super::exchange::{Exchanges, Key, Seen, State};
 use super::message::{self, FORMAT_TEXT, Reply, Request};
 use super::resource::{self, Route, TelemetryRules};
 use crate::decode::{DecodeLimits, Decoder, now_micros};
+use crate::gateway::admission::Unputtable;
 use crate::gateway::auth::AuthPolicy;
 use crate::gateway::health::KinesisHealth;
 use crate::gateway::producer::{Outcome, Producer, Protocol, Submission, SubmitError};
@@ -69,6 +76,8 @@ pub struct CoapSettings {
     pub auth: AuthPolicy,
     /// The exchange cache's capacity.
     pub exchange_capacity: usize,
+    /// Separate responses resent until acknowledged, at once.
+    pub max_separate_responses: usize,
 }
 
 /// Everything the receive loop and the request tasks share.
@@ -86,6 +95,9 @@ struct Server {
     awaiting_ack: Mutex<std::collections::HashMap<Key, oneshot::Sender<()>>>,
     /// Message ids of our own confirmable and non-confirmable messages.
     next_message_id: AtomicU16,
+    /// Separate responses being resent until acknowledged (bounded by
+    /// `max_separate_responses`).
+    separate_in_flight: AtomicUsize,
     /// Whether the exchange cache has filled up before EXCHANGE_LIFETIME
     /// (said once in the log).
     capacity_reached: AtomicBool,
@@ -131,6 +143,7 @@ pub async fn serve(
         uploads: Mutex::default(),
         awaiting_ack: Mutex::default(),
         next_message_id: AtomicU16::new(seed_message_id()),
+        separate_in_flight: AtomicUsize::new(0),
         capacity_reached: AtomicBool::new(false),
     });
     let mut decoder = Decoder::new(DecodeLimits::default());
@@ -379,14 +392,18 @@ impl Server {
         };
         match producer.try_submit(submission) {
             Ok(receiver) => Err(receiver),
+            Err(SubmitError::Unputtable(unputtable)) => {
+                rejected(unputtable.reason());
+                Ok(unputtable_reply(unputtable))
+            }
             Err(err) => {
                 rejected(match err {
-                    SubmitError::Full => "overloaded",
                     SubmitError::Closed => "shutting_down",
+                    _ => "overloaded",
                 });
                 let retry_after = match err {
-                    SubmitError::Full => RETRY_AFTER_FULL,
                     SubmitError::Closed => RETRY_AFTER_UNAVAILABLE,
+                    _ => RETRY_AFTER_FULL,
                 };
                 Ok(unavailable(err.to_string(), retry_after))
             }
@@ -468,6 +485,8 @@ impl Server {
                     RETRY_AFTER_UNAVAILABLE,
                 )
             }
+            // Counted by the producer, which found it out.
+            Some(Outcome::Unputtable(unputtable)) => unputtable_reply(unputtable),
             Some(Outcome::Refused(reason)) => {
                 rejected("refused");
                 tracing::warn!(%reason, "Kinesis refused a CoAP record");
@@ -523,7 +542,18 @@ impl Server {
                 metrics::counter!(m::GATEWAY_COAP_SEPARATE).increment(1);
                 let id = own_id();
                 let datagram = reply.encode(MessageType::Confirmable, id, &to.token);
-                tokio::spawn(Arc::clone(self).deliver_separately(to.peer, id, datagram));
+                match SeparateSlot::take(self) {
+                    Some(slot) => {
+                        tokio::spawn(
+                            Arc::clone(self).deliver_separately(to.peer, id, datagram, slot),
+                        );
+                    }
+                    None => {
+                        // Over the bound: sent once, never resent.
+                        metrics::counter!(m::GATEWAY_COAP_SEPARATE_UNTRACKED).increment(1);
+                        self.send(&datagram, to.peer);
+                    }
+                }
             }
         } else if let Some(datagram) = piggybacked {
             // A confirmable request is always acknowledged; No-Response
@@ -541,7 +571,13 @@ impl Server {
     /// Sends a separate confirmable response until the client acknowledges
     /// (or resets) it, at most MAX_RETRANSMIT times more, waiting ACK_TIMEOUT
     /// (times a random factor up to 1.5) and doubling.
-    async fn deliver_separately(self: Arc<Self>, peer: SocketAddr, id: u16, datagram: Vec<u8>) {
+    async fn deliver_separately(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        id: u16,
+        datagram: Vec<u8>,
+        _slot: SeparateSlot,
+    ) {
         let (tx, mut rx) = oneshot::channel();
         if let Ok(mut waiting) = self.awaiting_ack.lock() {
             waiting.insert((peer, id), tx);
@@ -592,6 +628,46 @@ fn no_larger_than(mut reply: Reply, request_bytes: usize, token: &[u8]) -> Reply
         reply.payload.truncate(cut);
     }
     reply
+}
+
+/// One of the `max_separate_responses` places for a separate response
+/// being resent; given back when dropped.
+#[derive(Debug)]
+struct SeparateSlot(Arc<Server>);
+
+impl SeparateSlot {
+    /// A place, if one is free.
+    fn take(server: &Arc<Server>) -> Option<SeparateSlot> {
+        let limit = server.settings.max_separate_responses;
+        let taken =
+            server
+                .separate_in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+        let now = match taken {
+            Ok(before) => before + 1,
+            Err(_) => return None,
+        };
+        metrics::gauge!(m::GATEWAY_COAP_SEPARATE_PENDING).set(now as f64);
+        Some(SeparateSlot(Arc::clone(server)))
+    }
+}
+
+impl Drop for SeparateSlot {
+    fn drop(&mut self) {
+        let before = self.0.separate_in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::GATEWAY_COAP_SEPARATE_PENDING).set((before - 1) as f64);
+    }
+}
+
+/// The answer to a record Kinesis can never take: the request is at fault.
+fn unputtable_reply(unputtable: Unputtable) -> Reply {
+    let code = match unputtable {
+        Unputtable::TooLarge { .. } => ResponseType::RequestEntityTooLarge,
+        _ => ResponseType::BadRequest,
+    };
+    Reply::error(code, unputtable.to_string())
 }
 
 /// A 5.03 with Max-Age: try again in `seconds`.

@@ -18,26 +18,52 @@
 //! the decoder takes) is acknowledged and dropped, logged with its topic
 //! and counted, as an IoT rule's error action would. A record that is built
 //! but would not decode (a NaN, a bad `ts`) is put all the same, as an IoT
-//! rule does: the consumer keeps it as a dead letter with its reason.
+//! rule does: the consumer keeps it as a dead letter with its reason. A
+//! record Kinesis could never take (a device id over 256 characters, more
+//! than 1 MiB once encoded) is acknowledged and dropped the same way, never
+//! queued: one such message must not stop the messages behind it.
+//!
+//! Memory is bounded, and the rumqttc event loop is never blocked (it must
+//! keep sending acknowledgements and pings): packets are read up to
+//! `max_payload_bytes` plus the largest topic (the broker's
+//! `message_size_limit` must match, or an oversized message is redelivered
+//! forever); messages are handed to the forwarder over a bounded channel
+//! without waiting; when it is full, QoS 0 messages are dropped and counted
+//! and QoS 1 messages are held until there is room (at most the broker's
+//! in-flight window, `max_inflight_messages`; 100 on AWS IoT Core). The
+//! forwarder waits for room in the producer's queue (records and bytes)
+//! while it keeps acknowledging, and holds at most [`MAX_WAITING`] messages
+//! waiting for their in-order acknowledgement, without their payloads.
 
 use std::time::{Duration, SystemTime};
 
+use std::collections::VecDeque;
+
 use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::layout::{TopicLayout, map_topic};
 use crate::backoff::Backoff;
-use crate::gateway::producer::{Outcome, Producer, Protocol, Submission};
+use crate::gateway::admission::{self, RateLimitedLog};
+use crate::gateway::producer::{Outcome, Producer, Protocol, Submission, SubmitError};
 use crate::gateway::record::{self, Conflict, Payload};
 use crate::metrics as m;
 
-/// The largest MQTT packet read: MQTT's own limit. Refusing bigger ones at
-/// the connection would drop it, and the broker would deliver the same
-/// message again forever; they are read and refused one by one instead.
-const MAX_PACKET_BYTES: usize = 268_435_455;
+/// What a PUBLISH packet carries besides its payload, at most: the topic
+/// (up to 65,535 bytes and its length) and the packet id. A packet's
+/// remaining length may be the payload limit plus this.
+const PUBLISH_OVERHEAD_BYTES: usize = 65_535 + 2 + 2;
+/// Messages handed from the event loop to the forwarder without waiting.
+pub const HANDOVER_CAPACITY: usize = 256;
+/// Messages waiting for their in-order acknowledgement, at most: more are
+/// not taken from the handover until some are acknowledged.
+pub const MAX_WAITING: usize = 10_000;
+/// The least time between two log lines about dropped messages.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the broker hears from an idle bridge.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -60,7 +86,9 @@ pub struct MqttSettings {
     pub share_group: Option<String>,
     /// How topics map to records.
     pub layouts: Vec<TopicLayout>,
-    /// Larger payloads are refused (the decoder's limit).
+    /// Larger payloads are refused (the decoder's limit); packets are read
+    /// up to this plus the topic, so the broker must refuse larger messages
+    /// (Mosquitto's `message_size_limit`).
     pub max_payload_bytes: usize,
 }
 
@@ -109,12 +137,18 @@ pub async fn run(
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(KEEP_ALIVE)
-        .set_max_packet_size(MAX_PACKET_BYTES, 64 * 1024);
+        .set_max_packet_size(
+            settings.max_payload_bytes + PUBLISH_OVERHEAD_BYTES,
+            64 * 1024,
+        );
     if let Some(credentials) = &settings.credentials {
         options.set_credentials(&credentials.user, &credentials.password);
     }
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    let (messages, received) = mpsc::unbounded_channel();
+    let (messages, received) = mpsc::channel(HANDOVER_CAPACITY);
+    // QoS 1 messages that found the handover full, oldest first.
+    let mut held: VecDeque<Publish> = VecDeque::new();
+    let mut drop_log = RateLimitedLog::new(DROP_LOG_EVERY);
     let stop_forwarding = CancellationToken::new();
     let mut forwarder = tokio::spawn(forward(
         received,
@@ -133,6 +167,13 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            permit = messages.reserve(), if !held.is_empty() => {
+                if let (Ok(permit), Some(publish)) = (permit, held.pop_front()) {
+                    permit.send(publish);
+                }
+                metrics::gauge!(m::GATEWAY_MQTT_HELD).set(held.len() as f64);
+                continue;
+            }
             event = eventloop.poll() => event,
         };
         match event {
@@ -170,7 +211,28 @@ pub async fn run(
                     QoS::ExactlyOnce => "2",
                 };
                 metrics::counter!(m::GATEWAY_MQTT_MESSAGES, "qos" => qos).increment(1);
-                let _ = messages.send(publish);
+                // Never waits: the event loop must go on being polled.
+                let full = if held.is_empty() {
+                    match messages.try_send(publish) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(publish)) => Some(publish),
+                        Err(mpsc::error::TrySendError::Closed(_)) => None,
+                    }
+                } else {
+                    Some(publish)
+                };
+                if let Some(publish) = full {
+                    if publish.qos == QoS::AtMostOnce {
+                        metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "mqtt", "reason" => "overloaded")
+                            .increment(1);
+                        if let Some(suppressed) = drop_log.allow(std::time::Instant::now()) {
+                            tracing::warn!(topic = %publish.topic, suppressed, "MQTT QoS 0 message dropped: the bridge is full");
+                        }
+                    } else {
+                        held.push_back(publish);
+                        metrics::gauge!(m::GATEWAY_MQTT_HELD).set(held.len() as f64);
+                    }
+                }
             }
             Ok(_) => {}
             Err(error) => {
@@ -220,52 +282,104 @@ pub async fn run(
 }
 
 /// Turns messages into records, queues them, and acknowledges each QoS 1
-/// message once its record is stored, in arrival order.
+/// message once its record is stored (or can never be), in arrival order.
+/// Waiting for room in the producer's queue never stops acknowledgements.
 async fn forward(
-    mut received: mpsc::UnboundedReceiver<Publish>,
+    mut received: mpsc::Receiver<Publish>,
     client: AsyncClient,
     producer: Producer,
     settings: MqttSettings,
     stop: CancellationToken,
 ) {
-    // Messages waiting for their outcome, in arrival order: (message, stored).
+    // Messages waiting for their outcome, in arrival order: (ack, stored).
     let mut waiting = FuturesOrdered::new();
+    // The one message waiting for room in the producer's queue (at most
+    // one: the next is not taken before it is queued, to keep the order).
+    let mut admitting: FuturesUnordered<BoxFuture<'static, (Publish, Handled)>> =
+        FuturesUnordered::new();
+    let mut drop_log = RateLimitedLog::new(DROP_LOG_EVERY);
     let mut stopping = false;
     loop {
-        metrics::gauge!(m::GATEWAY_MQTT_UNACKED).set(waiting.len() as f64);
-        if stopping && waiting.is_empty() {
+        metrics::gauge!(m::GATEWAY_MQTT_UNACKED).set((waiting.len() + admitting.len()) as f64);
+        if stopping && waiting.is_empty() && admitting.is_empty() {
             return;
         }
         tokio::select! {
             biased;
-            Some((publish, stored)) = waiting.next(), if !waiting.is_empty() => {
-                let publish: Publish = publish;
-                if stored && publish.qos != QoS::AtMostOnce {
-                    if client.ack(&publish).await.is_err() {
+            Some((ack, stored)) = waiting.next(), if !waiting.is_empty() => {
+                let ack: Publish = ack;
+                if stored && ack.qos != QoS::AtMostOnce {
+                    if client.ack(&ack).await.is_err() {
                         return;
                     }
                     metrics::counter!(m::GATEWAY_MQTT_ACKED).increment(1);
                 }
             }
+            Some((ack, handled)) = admitting.next(), if !admitting.is_empty() => {
+                waiting.push_back(outcome_of(ack, handled));
+            }
             _ = stop.cancelled(), if !stopping => stopping = true,
-            message = received.recv(), if !stopping => match message {
+            message = received.recv(),
+                if !stopping && admitting.is_empty() && waiting.len() < MAX_WAITING =>
+            match message {
                 Some(publish) => {
-                    let outcome = handle(&publish, &producer, &settings).await;
-                    waiting.push_back(async move {
-                        let stored = match outcome {
-                            Handled::Done => true,
-                            Handled::Waiting(receiver) => {
-                                matches!(receiver.await, Ok(Outcome::Stored))
-                            }
-                            Handled::Lost => false,
-                        };
-                        (publish, stored)
-                    });
+                    let ack = ack_of(&publish);
+                    match prepare(&publish, &settings, &mut drop_log) {
+                        Prepared::Done => waiting.push_back(outcome_of(ack, Handled::Done)),
+                        Prepared::Submit(submission) if publish.qos == QoS::AtMostOnce => {
+                            // Kept waiting like the others (a record whose
+                            // receiver is gone is never sent), but never
+                            // waited for room.
+                            let handled = match producer.try_submit(submission) {
+                                Ok(receiver) => Handled::Waiting(receiver),
+                                Err(err) => {
+                                    dropped(&publish, "overloaded", &err, &mut drop_log);
+                                    Handled::Done
+                                }
+                            };
+                            waiting.push_back(outcome_of(ack, handled));
+                        }
+                        Prepared::Submit(submission) => {
+                            let producer = producer.clone();
+                            admitting.push(Box::pin(async move {
+                                let handled = match producer.submit(submission).await {
+                                    Ok(receiver) => Handled::Waiting(receiver),
+                                    // Checked before: cannot happen.
+                                    Err(SubmitError::Unputtable(_)) => Handled::Done,
+                                    Err(_) => Handled::Lost,
+                                };
+                                (ack, handled)
+                            }));
+                        }
+                    }
                 }
                 None => stopping = true,
             },
         }
     }
+}
+
+/// What acknowledging `publish` needs (its packet id and QoS), without the
+/// payload: messages waiting for their turn hold no payload.
+fn ack_of(publish: &Publish) -> Publish {
+    let mut ack = Publish::new("", publish.qos, Vec::new());
+    ack.pkid = publish.pkid;
+    ack
+}
+
+/// Resolves to the ack and whether the message is done with (stored, or
+/// never to be stored), for the in-order acknowledgement.
+fn outcome_of(ack: Publish, handled: Handled) -> BoxFuture<'static, (Publish, bool)> {
+    Box::pin(async move {
+        let done = match handled {
+            Handled::Done => true,
+            Handled::Waiting(receiver) => {
+                matches!(receiver.await, Ok(Outcome::Stored | Outcome::Unputtable(_)))
+            }
+            Handled::Lost => false,
+        };
+        (ack, done)
+    })
 }
 
 /// What became of a message when it was handed on.
@@ -278,12 +392,33 @@ enum Handled {
     Lost,
 }
 
-async fn handle(publish: &Publish, producer: &Producer, settings: &MqttSettings) -> Handled {
-    let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
-        metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "mqtt", "reason" => reason)
-            .increment(1);
-        tracing::warn!(topic = %publish.topic, %detail, "MQTT message dropped");
-        Handled::Done
+/// A message turned into its record, or refused.
+enum Prepared {
+    /// Refused (logged and counted): acknowledge it, put nothing.
+    Done,
+    /// The record to queue.
+    Submit(Submission),
+}
+
+/// Counts a dropped message by `reason` and logs it (rate-limited).
+fn dropped(
+    publish: &Publish,
+    reason: &'static str,
+    detail: &dyn std::fmt::Display,
+    log: &mut RateLimitedLog,
+) {
+    metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "mqtt", "reason" => reason).increment(1);
+    if let Some(suppressed) = log.allow(std::time::Instant::now()) {
+        // A topic can be 64 KiB: the log line shows its start.
+        let topic: String = publish.topic.chars().take(200).collect();
+        tracing::warn!(%topic, reason, %detail, suppressed, "MQTT message dropped");
+    }
+}
+
+fn prepare(publish: &Publish, settings: &MqttSettings, log: &mut RateLimitedLog) -> Prepared {
+    let mut refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
+        dropped(publish, reason, detail, log);
+        Prepared::Done
     };
     let Some(mapped) = map_topic(&settings.layouts, &publish.topic) else {
         return refuse("unmatched_topic", &"no topic layout matches");
@@ -316,22 +451,16 @@ async fn handle(publish: &Publish, producer: &Producer, settings: &MqttSettings)
         Ok(record) => record,
         Err(err) => return refuse("bad_payload", &err),
     };
-    let submission = Submission {
-        key: mapped.origin.device.to_owned(),
+    let key = mapped.origin.device;
+    // One that Kinesis could never take would fail every call it shares,
+    // and be retried forever ahead of every later message.
+    if let Err(unputtable) = admission::check(key, &record) {
+        return refuse(unputtable.reason(), &unputtable);
+    }
+    Prepared::Submit(Submission {
+        key: key.to_owned(),
         data: record.into(),
         deadline: None,
         protocol: Protocol::Mqtt,
-    };
-    if publish.qos == QoS::AtMostOnce {
-        // Kept waiting like the others (a record whose receiver is gone is
-        // never sent), but never waited for room.
-        return match producer.try_submit(submission) {
-            Ok(receiver) => Handled::Waiting(receiver),
-            Err(err) => refuse("overloaded", &err),
-        };
-    }
-    match producer.submit(submission).await {
-        Ok(receiver) => Handled::Waiting(receiver),
-        Err(_) => Handled::Lost,
-    }
+    })
 }
