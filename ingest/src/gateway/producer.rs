@@ -467,3 +467,117 @@ fn settle(
     }
     settled
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::Readiness;
+    use crate::source::kinesis::Call;
+
+    fn pending(key: &str, budget: &Arc<Semaphore>) -> (Pending, oneshot::Receiver<Outcome>) {
+        let permit = budget.clone().try_acquire_many_owned(1).unwrap();
+        super::pending(
+            Submission {
+                key: key.to_owned(),
+                data: Bytes::from_static(b"{}"),
+                deadline: None,
+                protocol: Protocol::Mqtt,
+            },
+            permit,
+        )
+    }
+
+    fn refused_call(parts: Vec<Pending>) -> CallResult {
+        let (records, metas) = parts.into_iter().map(|p| (p.record, p.meta)).unzip();
+        let err = SourceError::InvalidArgument {
+            call: Call {
+                operation: "PutRecords",
+                stream: "s".into(),
+                shard: None,
+            },
+            detail: "ValidationException: partitionKey too long".into(),
+        };
+        (records, metas, Err(err))
+    }
+
+    #[test]
+    fn a_call_refused_as_a_whole_is_halved_down_to_the_record_refused_alone() {
+        let health = KinesisHealth::new(Arc::new(Readiness::default()));
+        let budget = Arc::new(Semaphore::new(10));
+        let mut last_error = String::new();
+        let mut log = RateLimitedLog::new(Duration::from_secs(10));
+        let mut receivers = Vec::new();
+        let mut parts = Vec::new();
+        for key in ["a", "b", "c"] {
+            let (p, r) = pending(key, &budget);
+            parts.push(p);
+            receivers.push(r);
+        }
+        let settled = settle(refused_call(parts), &health, &mut last_error, &mut log);
+        assert!(settled.retry.is_empty(), "never retried after a pause");
+        let keys: Vec<Vec<&str>> = settled
+            .halves
+            .iter()
+            .map(|half| half.iter().map(|p| p.record.0.as_str()).collect())
+            .collect();
+        assert_eq!(keys, [vec!["a"], vec!["b", "c"]]);
+        assert_eq!(budget.available_permits(), 7, "still held while sent again");
+
+        // Refused alone: answered, never to be put; its bytes are given back.
+        let mut halves = settled.halves.into_iter();
+        let (alone, rest) = (halves.next().unwrap(), halves.next().unwrap());
+        let settled = settle(refused_call(alone), &health, &mut last_error, &mut log);
+        assert!(settled.retry.is_empty() && settled.halves.is_empty());
+        assert_eq!(
+            receivers.remove(0).try_recv(),
+            Ok(Outcome::Unputtable(Unputtable::Refused))
+        );
+        assert_eq!(budget.available_permits(), 8);
+        drop(rest);
+        assert_eq!(budget.available_permits(), 10);
+    }
+
+    #[test]
+    fn a_record_kinesis_could_never_take_is_not_queued() {
+        let budget = Arc::new(Semaphore::new(MIN_QUEUE_BYTES));
+        let (tx, _rx) = mpsc::channel(10);
+        let producer = Producer { tx, budget };
+        let submission = |key: String, size: usize| Submission {
+            key,
+            data: Bytes::from(vec![b'x'; size]),
+            deadline: None,
+            protocol: Protocol::Coap,
+        };
+        let err = producer
+            .try_submit(submission("d".repeat(300), 10))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SubmitError::Unputtable(Unputtable::KeyTooLong { chars: 300 })
+        );
+        let err = producer
+            .try_submit(submission("d".into(), 1 << 20))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SubmitError::Unputtable(Unputtable::TooLarge { .. })
+        ));
+        // Within the limits but over what is left of the byte budget: full.
+        assert!(
+            producer
+                .try_submit(submission("d".into(), 1_000_000))
+                .is_ok()
+        );
+        assert!(
+            producer
+                .try_submit(submission("d".into(), 1_000_000))
+                .is_ok()
+        );
+        assert_eq!(
+            producer
+                .try_submit(submission("d".into(), 1_000_000))
+                .unwrap_err(),
+            SubmitError::Full
+        );
+    }
+}
