@@ -1959,3 +1959,42 @@ async fn separate_responses_beyond_the_bound_are_sent_once_and_counted() {
     assert_eq!(resent, 2, "{separate:?}");
     source.delete_stream().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_with_a_new_token_is_a_new_request() {
+    let (stream, source) = create_stream("gw-reused-id", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let mut first = post("/t/dev-reboot", br#"{"ts":1763900000,"v":1}"#, 7);
+    first.set_token(vec![0xa1, 0xa2]);
+    let answer = response_to(&peer, &first).await;
+    assert_eq!(
+        (code(&answer), answer.get_token()),
+        ("2.04".into(), &[0xa1, 0xa2][..])
+    );
+    // A retransmission (same id, same token) is answered alike, not put.
+    let again = response_to(&peer, &first).await;
+    assert_eq!(
+        (code(&again), again.get_token()),
+        ("2.04".into(), &[0xa1, 0xa2][..])
+    );
+
+    // The device reboots and counts its message ids from the same start:
+    // same endpoint, same id, another token and other data.
+    let mut rebooted = post("/t/dev-reboot", br#"{"ts":1763900001,"v":2}"#, 7);
+    rebooted.set_token(vec![0xb1]);
+    let answer = response_to(&peer, &rebooted).await;
+    assert_eq!(
+        (code(&answer), answer.get_token()),
+        ("2.04".into(), &[0xb1][..])
+    );
+
+    let records = read_stream(&source, 2, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<i64> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_i64().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, [1, 2]);
+    source.delete_stream().await.unwrap();
+}

@@ -111,8 +111,8 @@ pub struct GatewayArgs {
     /// PutRecords calls in flight at once.
     #[arg(long, env = "INGEST_PUT_CONCURRENCY", default_value_t = 4)]
     put_concurrency: usize,
-    /// CoAP exchanges remembered to recognise retransmissions (about 100 bytes
-    /// each); they are kept 247 s unless more arrive in that time.
+    /// CoAP exchanges remembered to recognise retransmissions (about 270 bytes
+    /// each, measured); they are kept 247 s unless more arrive in that time.
     #[arg(long, env = "INGEST_EXCHANGE_CAPACITY", default_value_t = 1_000_000)]
     exchange_capacity: usize,
     /// Separate CoAP responses (answers after an empty ACK) resent until the

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::block::{Block, Progress, Uploads};
-use super::exchange::{Exchanges, Key, Seen, State};
+use super::exchange::{Exchanges, Key, Seen, State, Token};
 use super::message::{self, FORMAT_TEXT, Reply, Request};
 use super::resource::{self, Route, TelemetryRules};
 use crate::decode::{DecodeLimits, Decoder, now_micros};
@@ -256,11 +256,12 @@ impl Server {
         }
 
         let key = (peer, message_id);
+        let exchange_token = Token::new(packet.get_token());
         let seen = match self.exchanges.lock() {
             Ok(mut exchanges) => {
-                let seen = exchanges.begin(key, std::time::Instant::now());
+                let seen = exchanges.begin(key, exchange_token, std::time::Instant::now());
                 if seen == Seen::Duplicate(State::InFlight { acked: false }) && confirmable {
-                    exchanges.acknowledge(&key);
+                    exchanges.acknowledge(&key, exchange_token);
                 }
                 metrics::gauge!(m::GATEWAY_COAP_EXCHANGES).set(exchanges.len() as f64);
                 if exchanges.early_rotations() > 0
@@ -461,11 +462,12 @@ impl Server {
             Ok(outcome) => outcome.ok(),
             Err(_) => {
                 let key = (to.peer, to.message_id);
+                let token = Token::new(&to.token);
                 let acknowledge = to.confirmable
                     && self
                         .exchanges
                         .lock()
-                        .is_ok_and(|mut exchanges| exchanges.acknowledge(&key));
+                        .is_ok_and(|mut exchanges| exchanges.acknowledge(&key, token));
                 if acknowledge {
                     self.send(&message::empty_ack(to.message_id), to.peer);
                 }
@@ -528,13 +530,22 @@ impl Server {
             .exchanges
             .lock()
             .map(|mut exchanges| {
-                exchanges.answer(key, |acked| match (&piggybacked, acked) {
-                    (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
-                    (Some(datagram), false) => Some(datagram.clone()),
-                    (None, _) => non.clone(),
+                exchanges.answer(key, Token::new(&to.token), |acked| {
+                    match (&piggybacked, acked) {
+                        (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
+                        (Some(datagram), false) => Some(datagram.clone()),
+                        (None, _) => non.clone(),
+                    }
                 })
             })
-            .unwrap_or(false);
+            .unwrap_or(Some(false));
+        let Some(acked) = acked else {
+            // A new request with this message id (another token) took the
+            // exchange's place: this answer's client is gone, and an ACK
+            // with its id would stop the new request's retransmissions.
+            tracing::debug!(peer = %to.peer, id = to.message_id, "answer to a superseded CoAP exchange not sent");
+            return;
+        };
         if to.confirmable && acked {
             // The client has its empty ACK: the answer is a confirmable
             // message of its own (No-Response may suppress it).
