@@ -109,6 +109,10 @@ pub const GATEWAY_MQTT_UNACKED: &str = "ingest_gateway_mqtt_unacked";
 /// MQTT QoS 1 messages held by the event loop because the handover to the
 /// forwarder was full (bounded by the broker's in-flight window).
 pub const GATEWAY_MQTT_HELD: &str = "ingest_gateway_mqtt_held";
+/// MQTT QoS 1 messages left unacknowledged with the broker because the
+/// bridge held `MAX_HELD` already; delivered again after the bridge, idle
+/// again, reconnects.
+pub const GATEWAY_MQTT_DEFERRED: &str = "ingest_gateway_mqtt_deferred_total";
 /// 1 while the MQTT bridge is connected and its subscriptions acknowledged.
 pub const GATEWAY_MQTT_SUBSCRIBED: &str = "ingest_gateway_mqtt_subscribed";
 /// MQTT connection failures (each is retried).

@@ -29,8 +29,13 @@
 //! `message_size_limit` must match, or an oversized message is redelivered
 //! forever); messages are handed to the forwarder over a bounded channel
 //! without waiting; when it is full, QoS 0 messages are dropped and counted
-//! and QoS 1 messages are held until there is room (at most the broker's
-//! in-flight window, `max_inflight_messages`; 100 on AWS IoT Core). The
+//! and QoS 1 messages are held until there is room, at most [`MAX_HELD`]
+//! messages and [`MAX_HELD_BYTES`] (a broker's in-flight window,
+//! `max_inflight_messages`, would bound them, but Mosquitto 2.0 was seen
+//! to send far more after a Kinesis outage). A QoS 1 message beyond that is
+//! left unacknowledged with the broker (deferred, counted) and, once the
+//! bridge is idle again, the bridge reconnects so that the broker delivers
+//! it again (persistent session). The
 //! forwarder waits for room in the producer's queue (records and bytes)
 //! while it keeps acknowledging, and holds at most [`MAX_WAITING`] messages
 //! waiting for their in-order acknowledgement, without their payloads.
@@ -38,6 +43,8 @@
 use std::time::{Duration, SystemTime};
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -62,6 +69,12 @@ pub const HANDOVER_CAPACITY: usize = 256;
 /// Messages waiting for their in-order acknowledgement, at most: more are
 /// not taken from the handover until some are acknowledged.
 pub const MAX_WAITING: usize = 10_000;
+/// QoS 1 messages the event loop holds when the handover is full, at most.
+pub const MAX_HELD: usize = 10_000;
+/// Bytes (payloads and topics) the event loop holds, at most.
+pub const MAX_HELD_BYTES: usize = 32 * 1024 * 1024;
+/// How often a bridge that deferred messages checks whether it is idle.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// The least time between two log lines about dropped messages.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the broker hears from an idle bridge.
@@ -148,14 +161,23 @@ pub async fn run(
     let (messages, received) = mpsc::channel(HANDOVER_CAPACITY);
     // QoS 1 messages that found the handover full, oldest first.
     let mut held: VecDeque<Publish> = VecDeque::new();
+    let mut held_bytes = 0;
+    // QoS 1 messages left with the broker since the last (re)connection,
+    // and how many idle checks in a row found the bridge idle.
+    let mut deferred = 0u64;
+    let mut idle_checks = 0;
+    let mut idle_tick = tokio::time::interval(IDLE_CHECK);
     let mut drop_log = RateLimitedLog::new(DROP_LOG_EVERY);
     let stop_forwarding = CancellationToken::new();
+    // Messages the forwarder has taken and not acknowledged yet.
+    let busy = Arc::new(AtomicUsize::new(0));
     let mut forwarder = tokio::spawn(forward(
         received,
         client.clone(),
         producer,
         settings.clone(),
         stop_forwarding.clone(),
+        busy.clone(),
     ));
     let subscriptions = settings.subscriptions();
     let filters: Vec<SubscribeFilter> = subscriptions
@@ -169,9 +191,29 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             permit = messages.reserve(), if !held.is_empty() => {
                 if let (Ok(permit), Some(publish)) = (permit, held.pop_front()) {
+                    held_bytes -= publish.payload.len() + publish.topic.len();
                     permit.send(publish);
                 }
                 metrics::gauge!(m::GATEWAY_MQTT_HELD).set(held.len() as f64);
+                continue;
+            }
+            _ = idle_tick.tick(), if deferred > 0 => {
+                let idle = held.is_empty()
+                    && messages.capacity() == HANDOVER_CAPACITY
+                    && busy.load(Ordering::Acquire) == 0;
+                idle_checks = if idle { idle_checks + 1 } else { 0 };
+                // Twice in a row: the last acknowledgements are written.
+                if idle_checks >= 2 {
+                    tracing::info!(
+                        deferred,
+                        "MQTT bridge idle again: reconnecting so that the broker delivers \
+                         the messages left with it"
+                    );
+                    deferred = 0;
+                    idle_checks = 0;
+                    // Drops the connection; the next poll connects again.
+                    eventloop.clean();
+                }
                 continue;
             }
             event = eventloop.poll() => event,
@@ -228,9 +270,24 @@ pub async fn run(
                         if let Some(suppressed) = drop_log.allow(std::time::Instant::now()) {
                             tracing::warn!(topic = %publish.topic, suppressed, "MQTT QoS 0 message dropped: the bridge is full");
                         }
-                    } else {
+                    } else if held.len() < MAX_HELD
+                        && held_bytes + publish.payload.len() + publish.topic.len()
+                            <= MAX_HELD_BYTES
+                    {
+                        held_bytes += publish.payload.len() + publish.topic.len();
                         held.push_back(publish);
                         metrics::gauge!(m::GATEWAY_MQTT_HELD).set(held.len() as f64);
+                    } else {
+                        // Not acknowledged: the broker keeps it and delivers
+                        // it again after the reconnection once idle.
+                        deferred += 1;
+                        metrics::counter!(m::GATEWAY_MQTT_DEFERRED).increment(1);
+                        if let Some(suppressed) = drop_log.allow(std::time::Instant::now()) {
+                            tracing::warn!(
+                                suppressed,
+                                "MQTT bridge full: a QoS 1 message is left with the broker until the bridge is idle"
+                            );
+                        }
                     }
                 }
             }
@@ -290,6 +347,7 @@ async fn forward(
     producer: Producer,
     settings: MqttSettings,
     stop: CancellationToken,
+    busy: Arc<AtomicUsize>,
 ) {
     // Messages waiting for their outcome, in arrival order: (ack, stored).
     let mut waiting = FuturesOrdered::new();
@@ -300,7 +358,9 @@ async fn forward(
     let mut drop_log = RateLimitedLog::new(DROP_LOG_EVERY);
     let mut stopping = false;
     loop {
-        metrics::gauge!(m::GATEWAY_MQTT_UNACKED).set((waiting.len() + admitting.len()) as f64);
+        let unacked = waiting.len() + admitting.len();
+        busy.store(unacked, Ordering::Release);
+        metrics::gauge!(m::GATEWAY_MQTT_UNACKED).set(unacked as f64);
         if stopping && waiting.is_empty() && admitting.is_empty() {
             return;
         }
