@@ -1998,3 +1998,69 @@ async fn a_reused_message_id_with_a_new_token_is_a_new_request() {
     assert_eq!(values, [1, 2]);
     source.delete_stream().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_after_an_outage_is_held_within_bounds_and_every_message_lands() {
+    let (stream, source) = create_stream("gw-mqtt-backlog", 1).await;
+    let prefix = prefix("mqtt-backlog");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let gateway = bridge(
+        &stream,
+        &prefix,
+        &format!("{prefix}-gw"),
+        &proxy.url_via(&kinesis),
+        &[],
+    )
+    .await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+    let acked = gateway.metric("ingest_gateway_mqtt_acked_total", &[]);
+
+    // 30,000 QoS 1 messages queue up in the broker while Kinesis is away;
+    // when it is back, the broker sends them as fast as acknowledgements
+    // go out (Mosquitto 2.0 past its max_inflight_messages).
+    proxy.cut().await;
+    let count = 30_000u32;
+    let lines: String = (1..=count)
+        .map(|i| format!("{{\"ts\":1763900000,\"v\":{i}}}\n"))
+        .collect();
+    let topic = format!("{prefix}/dev-backlog/telemetry");
+    let out = mosquitto_pub_with(&["-q", "1", "-t", &topic, "-l"], lines.as_bytes()).await;
+    assert!(out.status.success(), "{out:?}");
+    proxy.restore().await;
+
+    // The event loop never holds more than its bound (10,000 messages).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut most_held: f64 = 0.0;
+    loop {
+        most_held = most_held.max(gateway.metric("ingest_gateway_mqtt_held", &[]));
+        let now_acked = gateway.metric("ingest_gateway_mqtt_acked_total", &[]);
+        if now_acked >= acked + f64::from(count) {
+            assert_eq!(now_acked, acked + f64::from(count));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} acknowledged; deferred {}",
+            now_acked - acked,
+            gateway.metric("ingest_gateway_mqtt_deferred_total", &[])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        most_held <= 10_000.0,
+        "the bridge held {most_held} messages"
+    );
+    let records = read_stream(&source, count as usize, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<u32> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_u64().unwrap() as u32)
+        .collect();
+    values.sort();
+    values.dedup();
+    assert_eq!(values.len(), count as usize, "every message, none lost");
+    assert!(
+        gateway.metric("ingest_gateway_mqtt_messages_total", &[]) >= sentinels + f64::from(count)
+    );
+    source.delete_stream().await.unwrap();
+}
