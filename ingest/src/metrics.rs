@@ -73,8 +73,7 @@ pub const GATEWAY_COAP_SEPARATE: &str = "ingest_gateway_coap_separate_responses_
 pub const GATEWAY_COAP_SEPARATE_PENDING: &str = "ingest_gateway_coap_separate_responses_pending";
 /// Separate CoAP responses sent once and not resent, because
 /// `--max-separate-responses` were being resent already.
-pub const GATEWAY_COAP_SEPARATE_UNTRACKED: &str =
-    "ingest_gateway_coap_separate_responses_untracked_total";
+pub const GATEWAY_COAP_UNTRACKED: &str = "ingest_gateway_coap_separate_responses_untracked_total";
 /// CoAP exchanges remembered for deduplication.
 pub const GATEWAY_COAP_EXCHANGES: &str = "ingest_gateway_coap_exchanges";
 /// Messages the gateway did not put. Labels: protocol (coap, mqtt), reason

@@ -146,6 +146,7 @@ pub async fn serve(
         separate_in_flight: AtomicUsize::new(0),
         capacity_reached: AtomicBool::new(false),
     });
+    metrics::gauge!(m::GATEWAY_COAP_SEPARATE_PENDING).set(0.0);
     let mut decoder = Decoder::new(DecodeLimits::default());
     let mut buffer = vec![0u8; DATAGRAM_BUFFER];
     // The tasks of requests waiting for Kinesis.
@@ -561,7 +562,7 @@ impl Server {
                     }
                     None => {
                         // Over the bound: sent once, never resent.
-                        metrics::counter!(m::GATEWAY_COAP_SEPARATE_UNTRACKED).increment(1);
+                        metrics::counter!(m::GATEWAY_COAP_UNTRACKED).increment(1);
                         self.send(&datagram, to.peer);
                     }
                 }

@@ -162,6 +162,7 @@ pub async fn run(
     // QoS 1 messages that found the handover full, oldest first.
     let mut held: VecDeque<Publish> = VecDeque::new();
     let mut held_bytes = 0;
+    metrics::gauge!(m::GATEWAY_MQTT_HELD).set(0.0);
     // QoS 1 messages left with the broker since the last (re)connection,
     // and how many idle checks in a row found the bridge idle.
     let mut deferred = 0u64;
