@@ -2064,3 +2064,36 @@ async fn a_backlog_after_an_outage_is_held_within_bounds_and_every_message_lands
     );
     source.delete_stream().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_does_not_push_out_an_exchange_a_client_retransmits() {
+    let (stream, source) = create_stream("gw-exchange-flood", 1).await;
+    // A small cache: 100 exchanges.
+    let gateway = GatewayProcess::start(&stream, &["--exchange-capacity", "100"], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let telemetry = post("/t/dev-flood", br#"{"ts":1763900000,"v":1}"#, 1);
+    let answer = response_to(&peer, &telemetry).await;
+    assert_eq!(code(&answer), "2.04");
+
+    // 1,000 four-byte datagrams (a CON GET of no path: 4.04), as a flood
+    // from spoofed sources would send; each is answered, none remembered.
+    let flood = CoapPeer::new(gateway.coap).await;
+    for id in 2..1_002u16 {
+        let [high, low] = id.to_be_bytes();
+        flood.send_bytes(&[0x40, 0x01, high, low]).await;
+        let answer = flood.recv(ANSWER_WITHIN).await.expect("an answer");
+        assert_eq!(code(&answer), "4.04");
+    }
+
+    // The client retransmits its request: recognised, answered alike, not
+    // put again.
+    let again = response_to(&peer, &telemetry).await;
+    assert_eq!(code(&again), "2.04");
+    let records = read_stream(&source, 1, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(records.len(), 1, "put twice");
+    assert_eq!(
+        gateway.metric("ingest_gateway_coap_duplicates_total", &[]),
+        1.0
+    );
+    source.delete_stream().await.unwrap();
+}

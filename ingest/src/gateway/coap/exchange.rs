@@ -16,6 +16,11 @@
 //! the same endpoint and message id with another token is a new request (a
 //! device that rebooted and counts its message ids from the start again),
 //! which replaces the old exchange instead of being answered from it.
+//!
+//! The server looks every request up ([`Exchanges::seen`]) but remembers
+//! ([`Exchanges::begin`]) only those that changed something (a record
+//! queued, a block taken, a signature used): a flood of junk does not
+//! rotate the table.
 
 use std::collections::HashMap;
 use std::mem;
@@ -116,6 +121,14 @@ impl Exchanges {
             capacity: capacity.max(2),
             early_rotations: 0,
         }
+    }
+
+    /// The state of the exchange `key` if `token` is its token: the
+    /// request is a retransmission. Remembers nothing.
+    pub fn seen(&self, key: &Key, token: Token) -> Option<State> {
+        self.get(key)
+            .filter(|entry| entry.token == token)
+            .map(|entry| entry.state.clone())
     }
 
     /// Records the arrival of a request; a duplicate (same key and token)

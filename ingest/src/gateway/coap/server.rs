@@ -39,12 +39,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::block::{Block, Progress, Uploads};
-use super::exchange::{Exchanges, Key, Seen, State, Token};
+use super::exchange::{Exchanges, Key, State, Token};
 use super::message::{self, FORMAT_TEXT, Reply, Request};
 use super::resource::{self, Route, TelemetryRules};
 use crate::decode::{DecodeLimits, Decoder, now_micros};
 use crate::gateway::admission::Unputtable;
-use crate::gateway::auth::AuthPolicy;
+use crate::gateway::auth::{AuthPolicy, SIGNATURE_PARAMETER};
 use crate::gateway::health::KinesisHealth;
 use crate::gateway::producer::{Outcome, Producer, Protocol, Submission, SubmitError};
 use crate::metrics as m;
@@ -116,6 +116,9 @@ struct ReplyTo {
     request_bytes: usize,
     /// The last block of a block-wise upload: its answer echoes it.
     last_block: Option<Block>,
+    /// Whether the exchange is remembered (its answer is kept for
+    /// retransmissions); if not, the answer is sent and forgotten.
+    remembered: bool,
 }
 
 /// Serves CoAP on `socket` until `shutdown`, then waits (at most `grace`)
@@ -258,28 +261,20 @@ impl Server {
 
         let key = (peer, message_id);
         let exchange_token = Token::new(packet.get_token());
+        // Only a lookup: an exchange is remembered (below) only if its
+        // request changed something, so that a flood of junk or refused
+        // requests does not push out the exchanges that need remembering.
         let seen = match self.exchanges.lock() {
             Ok(mut exchanges) => {
-                let seen = exchanges.begin(key, exchange_token, std::time::Instant::now());
-                if seen == Seen::Duplicate(State::InFlight { acked: false }) && confirmable {
+                let seen = exchanges.seen(&key, exchange_token);
+                if seen == Some(State::InFlight { acked: false }) && confirmable {
                     exchanges.acknowledge(&key, exchange_token);
-                }
-                metrics::gauge!(m::GATEWAY_COAP_EXCHANGES).set(exchanges.len() as f64);
-                if exchanges.early_rotations() > 0
-                    && !self.capacity_reached.swap(true, Ordering::Relaxed)
-                {
-                    tracing::warn!(
-                        capacity = self.settings.exchange_capacity,
-                        "the CoAP exchange cache filled up within EXCHANGE_LIFETIME (247 s): \
-                         retransmissions are recognised for a shorter time; raise \
-                         --exchange-capacity"
-                    );
                 }
                 seen
             }
-            Err(_) => Seen::New,
+            Err(_) => None,
         };
-        if let Seen::Duplicate(state) = seen {
+        if let Some(state) = seen {
             metrics::counter!(m::GATEWAY_COAP_DUPLICATES).increment(1);
             match state {
                 State::Answered(Some(datagram)) => self.send(&datagram, peer),
@@ -307,10 +302,25 @@ impl Server {
                     no_response: 0,
                     request_bytes: bytes.len(),
                     last_block: None,
+                    remembered: false,
                 };
                 return self.answer(&to, Reply::error(unreadable.code, unreadable.reason));
             }
         };
+        let handled = self.handle(&request, peer, decoder, producer);
+        // What a retransmission must not do again: queue a record, move a
+        // block-wise upload on, or use a signature that was taken. The rest
+        // (4.04, a refused payload, /health ...) is answered alike again.
+        let signed = request.query_value(SIGNATURE_PARAMETER).is_some();
+        let remembered = match &handled {
+            Err(_) => true,
+            Ok(reply) => {
+                request.block1.is_some() || (signed && reply.code != ResponseType::Unauthorized)
+            }
+        };
+        if remembered {
+            self.remember(key, exchange_token);
+        }
         let to = ReplyTo {
             peer,
             message_id,
@@ -319,14 +329,33 @@ impl Server {
             no_response: request.no_response,
             request_bytes: bytes.len(),
             last_block: request.block1.filter(|block| !block.more),
+            remembered,
         };
-        match self.handle(&request, peer, decoder, producer) {
+        match handled {
             Ok(reply) => self.answer(&to, reply),
             Err(receiver) => {
                 let server = Arc::clone(self);
                 let deadline = Instant::now() + self.settings.put_timeout;
                 requests.spawn(async move { server.wait_and_answer(to, receiver, deadline).await });
             }
+        }
+    }
+
+    /// Remembers the exchange `key` (a new one, in flight), for its
+    /// retransmissions.
+    fn remember(&self, key: Key, token: Token) {
+        let Ok(mut exchanges) = self.exchanges.lock() else {
+            return;
+        };
+        exchanges.begin(key, token, std::time::Instant::now());
+        metrics::gauge!(m::GATEWAY_COAP_EXCHANGES).set(exchanges.len() as f64);
+        if exchanges.early_rotations() > 0 && !self.capacity_reached.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                capacity = self.settings.exchange_capacity,
+                "the CoAP exchange cache filled up within EXCHANGE_LIFETIME (247 s): \
+                 retransmissions are recognised for a shorter time; raise \
+                 --exchange-capacity"
+            );
         }
     }
 
@@ -527,19 +556,22 @@ impl Server {
             .then(|| Bytes::from(reply.encode(MessageType::NonConfirmable, own_id(), &to.token)));
         // What a retransmission of the request will get: decided with the
         // exchange locked, so that it agrees with what is sent now.
-        let acked = self
-            .exchanges
-            .lock()
-            .map(|mut exchanges| {
-                exchanges.answer(key, Token::new(&to.token), |acked| {
-                    match (&piggybacked, acked) {
-                        (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
-                        (Some(datagram), false) => Some(datagram.clone()),
-                        (None, _) => non.clone(),
-                    }
+        let acked = if !to.remembered {
+            Some(false)
+        } else {
+            self.exchanges
+                .lock()
+                .map(|mut exchanges| {
+                    exchanges.answer(key, Token::new(&to.token), |acked| {
+                        match (&piggybacked, acked) {
+                            (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
+                            (Some(datagram), false) => Some(datagram.clone()),
+                            (None, _) => non.clone(),
+                        }
+                    })
                 })
-            })
-            .unwrap_or(Some(false));
+                .unwrap_or(Some(false))
+        };
         let Some(acked) = acked else {
             // A new request with this message id (another token) took the
             // exchange's place: this answer's client is gone, and an ACK
