@@ -68,19 +68,27 @@ pub const GATEWAY_COAP_REQUESTS: &str = "ingest_gateway_coap_requests_total";
 pub const GATEWAY_COAP_DUPLICATES: &str = "ingest_gateway_coap_duplicates_total";
 /// CoAP answers sent as separate responses (after an empty ACK).
 pub const GATEWAY_COAP_SEPARATE: &str = "ingest_gateway_coap_separate_responses_total";
+/// Separate CoAP responses being resent until acknowledged (at most
+/// `--max-separate-responses`).
+pub const GATEWAY_COAP_SEPARATE_PENDING: &str = "ingest_gateway_coap_separate_responses_pending";
+/// Separate CoAP responses sent once and not resent, because
+/// `--max-separate-responses` were being resent already.
+pub const GATEWAY_COAP_UNTRACKED: &str = "ingest_gateway_coap_separate_responses_untracked_total";
 /// CoAP exchanges remembered for deduplication.
 pub const GATEWAY_COAP_EXCHANGES: &str = "ingest_gateway_coap_exchanges";
 /// Messages the gateway did not put. Labels: protocol (coap, mqtt), reason
 /// (not_found, method_not_allowed, bad_option, malformed, too_large,
 /// unsupported_format, unauthorized, bad_payload, overloaded, unavailable,
-/// refused, shutting_down, unmatched_topic).
+/// refused, shutting_down, unmatched_topic; records Kinesis can never take:
+/// key_too_long, record_too_large, refused_alone).
 pub const GATEWAY_REJECTED: &str = "ingest_gateway_rejected_total";
 /// Records Kinesis accepted from the gateway. Labels: protocol.
 pub const GATEWAY_RECORDS_PUT: &str = "ingest_gateway_records_put_total";
 /// Records answered "unavailable" because their deadline passed before a
 /// call took them. Labels: protocol.
 pub const GATEWAY_EXPIRED: &str = "ingest_gateway_records_expired_total";
-/// PutRecords calls. Labels: outcome (ok, partial, error).
+/// PutRecords calls. Labels: outcome (ok, partial, error, refused: a record
+/// Kinesis will not take, whose call is then sent again in halves).
 pub const GATEWAY_PUT_CALLS: &str = "ingest_gateway_put_calls_total";
 /// Time of one PutRecords call (histogram).
 pub const GATEWAY_PUT_SECONDS: &str = "ingest_gateway_put_seconds";
@@ -88,12 +96,22 @@ pub const GATEWAY_PUT_SECONDS: &str = "ingest_gateway_put_seconds";
 pub const GATEWAY_PUT_BATCH_RECORDS: &str = "ingest_gateway_put_batch_records";
 /// Records waiting for a PutRecords call.
 pub const GATEWAY_QUEUE_RECORDS: &str = "ingest_gateway_queue_records";
+/// Bytes (keys and data) of the records queued or in PutRecords calls,
+/// bounded by `--queue-bytes`.
+pub const GATEWAY_QUEUE_BYTES: &str = "ingest_gateway_queue_bytes";
 /// MQTT messages received. Labels: qos.
 pub const GATEWAY_MQTT_MESSAGES: &str = "ingest_gateway_mqtt_messages_total";
 /// MQTT messages acknowledged to the broker after Kinesis took them.
 pub const GATEWAY_MQTT_ACKED: &str = "ingest_gateway_mqtt_acked_total";
 /// MQTT messages received and not acknowledged yet.
 pub const GATEWAY_MQTT_UNACKED: &str = "ingest_gateway_mqtt_unacked";
+/// MQTT QoS 1 messages held by the event loop because the handover to the
+/// forwarder was full (bounded by the broker's in-flight window).
+pub const GATEWAY_MQTT_HELD: &str = "ingest_gateway_mqtt_held";
+/// MQTT QoS 1 messages left unacknowledged with the broker because the
+/// bridge held `MAX_HELD` already; delivered again after the bridge, idle
+/// again, reconnects.
+pub const GATEWAY_MQTT_DEFERRED: &str = "ingest_gateway_mqtt_deferred_total";
 /// 1 while the MQTT bridge is connected and its subscriptions acknowledged.
 pub const GATEWAY_MQTT_SUBSCRIBED: &str = "ingest_gateway_mqtt_subscribed";
 /// MQTT connection failures (each is retried).

@@ -333,6 +333,37 @@ pub async fn mosquitto_pub(topic: &str, payload: &str, qos: u8) {
     );
 }
 
+/// Runs the real `mosquitto_pub` against the stack's broker with `args`
+/// (topic, QoS, `-f file`, `-l` ...) and `stdin`; returns its output (its
+/// status is for the caller to judge: a broker may refuse a message).
+pub async fn mosquitto_pub_with(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let url = std::env::var("INGEST_MQTT_URL")
+        .unwrap_or_else(|_| panic!("INGEST_MQTT_URL is not set: {START_HINT}"));
+    let address = url.trim_start_matches("mqtt://");
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let mut child = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| {
+            panic!("cannot run mosquitto_pub (mosquitto-clients, from dev/stack up): {error}")
+        });
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin)
+        .await
+        .expect("write to mosquitto_pub");
+    drop(input);
+    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("mosquitto_pub finishes within 120 s")
+        .expect("mosquitto_pub runs")
+}
+
 /// Every record in the stream: waits until at least `expected` arrived
 /// (failing after `within`), then reads on for `settle` to see any extra.
 pub async fn read_stream(

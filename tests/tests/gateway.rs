@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use tests::consumer::create_stream;
 use tests::gateway::{
-    CoapPeer, GatewayProcess, aiocoap_post, by_key, coap_client, code, mosquitto_pub, post,
-    read_stream, request, text,
+    CoapPeer, GatewayProcess, aiocoap_post, by_key, coap_client, code, mosquitto_pub,
+    mosquitto_pub_with, post, read_stream, request, text,
 };
 use tests::proxy::{TcpProxy, host_port};
 
@@ -1486,5 +1486,614 @@ async fn two_bridge_replicas_split_the_messages_and_a_killed_ones_come_back() {
         .wait_for_metric("ingest_gateway_mqtt_acked_total", &[], held, ARRIVE_WITHIN)
         .await;
     assert!(redelivered >= held, "{redelivered} acked of {held} held");
+    source.delete_stream().await.unwrap();
+}
+
+/// Starts a gateway bridging `<prefix>/{device}/telemetry` (a JSON object)
+/// and `<prefix>/{house}/{device}/{name}/{ts}/data` (one value) as
+/// `client_id`, through `kinesis`, with `extra` flags.
+async fn bridge(
+    stream: &str,
+    prefix: &str,
+    client_id: &str,
+    kinesis: &str,
+    extra: &[&str],
+) -> GatewayProcess {
+    let mqtt_url = std::env::var("INGEST_MQTT_URL").unwrap();
+    let topic = format!("{prefix}/#");
+    let object = format!("{prefix}/{{device}}/telemetry");
+    let value = format!("{prefix}/{{house}}/{{device}}/{{name}}/{{ts}}/data");
+    let mut args = vec![
+        "--mqtt-url",
+        &mqtt_url,
+        "--mqtt-topic",
+        &topic,
+        "--mqtt-layout",
+        &object,
+        "--mqtt-layout",
+        &value,
+        "--mqtt-client-id",
+        client_id,
+    ];
+    args.extend_from_slice(extra);
+    GatewayProcess::start(stream, &args, &[("AWS_ENDPOINT_URL_KINESIS", kinesis)]).await
+}
+
+/// A device id of 300 characters: over Kinesis's 256 for a partition key.
+fn poison_device() -> String {
+    "d".repeat(300)
+}
+
+/// The partition keys of `records`, sorted.
+fn sorted_keys(records: &[ingest::source::kinesis::Record]) -> Vec<String> {
+    let mut keys: Vec<String> = records.iter().map(|r| r.partition_key.clone()).collect();
+    keys.sort();
+    keys
+}
+
+/// `<stem>1` to `<stem><n>`, sorted as strings.
+fn numbered(stem: &str, n: u32) -> Vec<String> {
+    let mut names: Vec<String> = (1..=n).map(|i| format!("{stem}{i}")).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_mqtt_message_is_dropped_and_counted_and_the_twenty_after_it_land() {
+    let (stream, source) = create_stream("gw-mqtt-poison", 2).await;
+    let prefix = prefix("mqtt-poison");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let gateway = bridge(&stream, &prefix, &format!("{prefix}-gw"), &kinesis, &[]).await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+
+    // A partition key Kinesis refuses, QoS 1.
+    mosquitto_pub(
+        &format!("{prefix}/{}/telemetry", poison_device()),
+        r#"{"ts":1763900000,"v":0}"#,
+        1,
+    )
+    .await;
+    // 200,000 control characters (within the 256 KiB payload limit): each
+    // becomes \u0001 in the record's JSON, 1.2 MB, over Kinesis's 1 MiB.
+    let out = mosquitto_pub_with(
+        &[
+            "-q",
+            "1",
+            "-t",
+            &format!("{prefix}/h1/dev-big/note/1763900000/data"),
+            "-s",
+        ],
+        &[1u8; 200_000],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    for i in 1..=20 {
+        mosquitto_pub(
+            &format!("{prefix}/dev-p{i}/telemetry"),
+            &format!(r#"{{"ts":1763900000,"v":{i}}}"#),
+            1,
+        )
+        .await;
+    }
+
+    let records = read_stream(&source, 20, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(sorted_keys(&records), numbered("dev-p", 20));
+    let rejected = |reason: &str| {
+        gateway.metric(
+            "ingest_gateway_rejected_total",
+            &[r#"protocol="mqtt""#, &format!(r#"reason="{reason}""#)],
+        )
+    };
+    assert_eq!(rejected("key_too_long"), 1.0);
+    assert_eq!(rejected("record_too_large"), 1.0);
+    // Every message is acknowledged, the two dropped ones too: none is
+    // delivered again.
+    let received = sentinels + 22.0;
+    let acked = gateway
+        .wait_for_metric(
+            "ingest_gateway_mqtt_acked_total",
+            &[],
+            received,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(acked, received, "{}", gateway.log_text());
+    assert_eq!(gateway.metric("ingest_gateway_mqtt_unacked", &[]), 0.0);
+    assert_eq!(
+        gateway.metric("ingest_gateway_put_calls_total", &[r#"outcome="error""#]),
+        0.0,
+        "no call failed: the poison was never sent"
+    );
+    source.delete_stream().await.unwrap();
+}
+
+/// Sends `packet` and returns the response to it: piggybacked, or the
+/// separate one after an empty ACK (acknowledged).
+async fn response_to(peer: &CoapPeer, packet: &Packet) -> Packet {
+    peer.send(packet).await;
+    let first = peer.recv(ANSWER_WITHIN).await.expect("an answer");
+    if first.header.code != MessageClass::Empty {
+        return first;
+    }
+    let late = peer
+        .recv(Duration::from_secs(30))
+        .await
+        .expect("a separate response after the empty ACK");
+    peer.acknowledge(&late).await;
+    late
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarted_with_a_poison_message_in_its_session_puts_everything_else() {
+    let (stream, source) = create_stream("gw-mqtt-poison-restart", 2).await;
+    let prefix = prefix("mqtt-poison-restart");
+    let client_id = format!("{prefix}-gw");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let mut first = bridge(&stream, &prefix, &client_id, &kinesis, &[]).await;
+    wait_until_subscribed(&first, &prefix).await;
+    // Gone, its session (and subscription) kept by the broker, which queues
+    // the poison first, then twenty good messages.
+    first.kill();
+    mosquitto_pub(
+        &format!("{prefix}/{}/telemetry", poison_device()),
+        r#"{"ts":1763900000,"v":0}"#,
+        1,
+    )
+    .await;
+    for i in 1..=20 {
+        mosquitto_pub(
+            &format!("{prefix}/dev-s{i}/telemetry"),
+            &format!(r#"{{"ts":1763900000,"v":{i}}}"#),
+            1,
+        )
+        .await;
+    }
+
+    // The next gateway of the session gets the poison first; CoAP requests
+    // share its calls.
+    let second = bridge(&stream, &prefix, &client_id, &kinesis, &[]).await;
+    let peer = CoapPeer::new(second.coap).await;
+    for i in 1..=20u16 {
+        let packet = post(
+            &format!("/t/coap-{i}"),
+            format!(r#"{{"ts":1763900000,"v":{i}}}"#).as_bytes(),
+            i,
+        );
+        let answer = response_to(&peer, &packet).await;
+        assert_eq!(code(&answer), "2.04", "request {i}: {answer:?}");
+    }
+    let records = read_stream(&source, 40, ARRIVE_WITHIN, SETTLE).await;
+    let mut expected = numbered("dev-s", 20);
+    expected.extend(numbered("coap-", 20));
+    expected.sort();
+    assert_eq!(sorted_keys(&records), expected);
+    assert_eq!(
+        second.metric(
+            "ingest_gateway_rejected_total",
+            &[r#"protocol="mqtt""#, r#"reason="key_too_long""#]
+        ),
+        1.0
+    );
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_brokers_size_limit_never_reaches_the_bridge() {
+    let (stream, source) = create_stream("gw-mqtt-size-limit", 1).await;
+    let prefix = prefix("mqtt-size-limit");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let gateway = bridge(&stream, &prefix, &format!("{prefix}-gw"), &kinesis, &[]).await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+    // 300 KiB: over the stack's message_size_limit (256 KiB, the bridge's
+    // payload limit). The broker refuses it at publish; the bridge, which
+    // reads packets only up to its limit, never sees it.
+    let huge = format!(r#"{{"ts":1763900000,"pad":"{}"}}"#, "x".repeat(300 * 1024));
+    let topic = format!("{prefix}/dev-huge/telemetry");
+    mosquitto_pub_with(&["-q", "1", "-t", &topic, "-s"], huge.as_bytes()).await;
+    mosquitto_pub(
+        &format!("{prefix}/dev-after/telemetry"),
+        r#"{"ts":1763900000,"v":1}"#,
+        1,
+    )
+    .await;
+    let records = read_stream(&source, 1, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(sorted_keys(&records), ["dev-after"]);
+    assert_eq!(
+        gateway.metric("ingest_gateway_mqtt_messages_total", &[]),
+        sentinels + 1.0
+    );
+    assert_eq!(
+        gateway.metric("ingest_gateway_mqtt_connection_errors_total", &[]),
+        0.0
+    );
+    source.delete_stream().await.unwrap();
+}
+
+/// The smallest `--queue-bytes`: 2 MiB.
+const SMALL_QUEUE_BYTES: &str = "2097152";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_holds_the_bridge_back_without_losing_a_qos1_message_or_an_ack() {
+    let (stream, source) = create_stream("gw-mqtt-backpressure", 2).await;
+    let prefix = prefix("mqtt-backpressure");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let gateway = bridge(
+        &stream,
+        &prefix,
+        &format!("{prefix}-gw"),
+        &proxy.url_via(&kinesis),
+        &["--queue-bytes", SMALL_QUEUE_BYTES],
+    )
+    .await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+    let acked = gateway.metric("ingest_gateway_mqtt_acked_total", &[]);
+
+    proxy.cut().await;
+    // 400 QoS 1 messages of 20 KB, 8 MB: the queue takes 2 MiB of them, the
+    // forwarder's handover 256, and the event loop holds the rest.
+    let count = 400;
+    let lines: String = (1..=count)
+        .map(|i| {
+            format!(
+                "{{\"ts\":1763900000,\"v\":{i},\"pad\":\"{}\"}}\n",
+                "x".repeat(20_000)
+            )
+        })
+        .collect();
+    let topic = format!("{prefix}/dev-bp/telemetry");
+    let out = mosquitto_pub_with(&["-q", "1", "-t", &topic, "-l"], lines.as_bytes()).await;
+    assert!(out.status.success(), "{out:?}");
+    let received = gateway
+        .wait_for_metric(
+            "ingest_gateway_mqtt_messages_total",
+            &[],
+            sentinels + f64::from(count),
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(received, sentinels + f64::from(count));
+    let held = gateway
+        .wait_for_metric("ingest_gateway_mqtt_held", &[], 1.0, ARRIVE_WITHIN)
+        .await;
+    assert!(held >= 1.0, "the event loop holds none");
+    let queued = gateway.metric("ingest_gateway_queue_bytes", &[]);
+    assert!(
+        queued > 1_000_000.0 && queued <= 2_097_152.0,
+        "{queued} bytes queued, limit 2097152"
+    );
+    // QoS 0 finds the bridge full: dropped and counted, as QoS 0 allows.
+    for i in 1..=5 {
+        mosquitto_pub(
+            &format!("{prefix}/dev-q0-{i}/telemetry"),
+            r#"{"ts":1763900000,"v":0}"#,
+            0,
+        )
+        .await;
+    }
+    let dropped = gateway
+        .wait_for_metric(
+            "ingest_gateway_rejected_total",
+            &[r#"protocol="mqtt""#, r#"reason="overloaded""#],
+            5.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(dropped, 5.0);
+    assert_eq!(
+        gateway.metric("ingest_gateway_mqtt_acked_total", &[]),
+        acked
+    );
+
+    // Kinesis back: every QoS 1 message lands once and is acknowledged.
+    proxy.restore().await;
+    let records = read_stream(&source, count as usize, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<u32> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_u64().unwrap() as u32)
+        .collect();
+    values.sort();
+    assert_eq!(values, (1..=count).collect::<Vec<_>>());
+    let now_acked = gateway
+        .wait_for_metric(
+            "ingest_gateway_mqtt_acked_total",
+            &[],
+            acked + f64::from(count),
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(now_acked, acked + f64::from(count));
+    assert_eq!(gateway.metric("ingest_gateway_mqtt_held", &[]), 0.0);
+    assert_eq!(gateway.metric("ingest_gateway_mqtt_unacked", &[]), 0.0);
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coap_gets_503_once_the_queue_is_full_in_bytes_not_records() {
+    let (stream, source) = create_stream("gw-queue-bytes", 1).await;
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let gateway = GatewayProcess::start(
+        &stream,
+        &["--queue-bytes", SMALL_QUEUE_BYTES, "--put-timeout", "60s"],
+        &[("AWS_ENDPOINT_URL_KINESIS", &proxy.url_via(&kinesis))],
+    )
+    .await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    proxy.cut().await;
+
+    // 200 requests of 16,000 bytes (3.2 MB), far below the 50,000 records
+    // of --queue-records: some are queued, the rest get 5.03 at once.
+    let count: u16 = 200;
+    for id in 1..=count {
+        peer.send(&post(
+            "/t/dev-bytes",
+            padded_json(usize::from(id), 16_000).as_bytes(),
+            id,
+        ))
+        .await;
+        // Paced, so that the gateway's receive buffer never overflows.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut refused = std::collections::BTreeSet::new();
+    let mut queued = std::collections::BTreeSet::new();
+    while refused.len() + queued.len() < usize::from(count) {
+        let answer = peer
+            .recv(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{} refused, {} queued", refused.len(), queued.len()));
+        assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+        let id = answer.header.message_id;
+        if answer.header.code == MessageClass::Empty {
+            queued.insert(id);
+        } else {
+            assert_eq!(code(&answer), "5.03", "{answer:?}");
+            assert_eq!(answer.get_first_option(CoapOption::MaxAge), Some(&vec![1]));
+            refused.insert(id);
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "nothing refused: the queue has no byte limit"
+    );
+    let queued_bytes = gateway.metric("ingest_gateway_queue_bytes", &[]);
+    assert!(
+        queued_bytes <= 2_097_152.0 && queued.len() * 16_000 <= 2_097_152,
+        "{} queued, {queued_bytes} bytes",
+        queued.len()
+    );
+    assert_eq!(
+        gateway.metric("ingest_gateway_rejected_total", &[r#"reason="overloaded""#]),
+        refused.len() as f64
+    );
+
+    // Kinesis back: each queued request gets its 2.04, separately.
+    proxy.restore().await;
+    let mut stored = std::collections::BTreeSet::new();
+    while stored.len() < queued.len() {
+        let late = peer
+            .recv(ARRIVE_WITHIN)
+            .await
+            .unwrap_or_else(|| panic!("{} of {} answered 2.04", stored.len(), queued.len()));
+        assert_eq!(late.header.get_type(), MessageType::Confirmable);
+        assert_eq!(code(&late), "2.04", "{late:?}");
+        peer.acknowledge(&late).await;
+        let id = u16::from_be_bytes(late.get_token().try_into().unwrap());
+        stored.insert(id);
+    }
+    assert_eq!(stored, queued);
+    let records = read_stream(&source, queued.len(), ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<u16> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_u64().unwrap() as u16)
+        .collect();
+    values.sort();
+    assert_eq!(values, queued.into_iter().collect::<Vec<_>>());
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_responses_beyond_the_bound_are_sent_once_and_counted() {
+    let (stream, source) = create_stream("gw-separate-bound", 1).await;
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let gateway = GatewayProcess::start(
+        &stream,
+        &["--max-separate-responses", "2", "--put-timeout", "2s"],
+        &[("AWS_ENDPOINT_URL_KINESIS", &proxy.url_via(&kinesis))],
+    )
+    .await;
+    // A peer that never acknowledges (a spoofed source would not).
+    let peer = CoapPeer::new(gateway.coap).await;
+    proxy.cut().await;
+    let count: u16 = 5;
+    for id in 1..=count {
+        peer.send(&post("/t/dev-sep", br#"{"ts":1763900000,"v":1}"#, id))
+            .await;
+    }
+    // Each: an empty ACK, then its 5.03 as a confirmable message of its own.
+    let mut separate: std::collections::HashMap<Vec<u8>, u32> = Default::default();
+    let mut empty = 0;
+    while empty < count || separate.len() < usize::from(count) {
+        let message = peer
+            .recv(Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("{empty} empty ACKs, separate: {separate:?}"));
+        if message.header.code == MessageClass::Empty {
+            empty += 1;
+        } else {
+            assert_eq!(message.header.get_type(), MessageType::Confirmable);
+            assert_eq!(code(&message), "5.03");
+            *separate.entry(message.get_token().to_vec()).or_default() += 1;
+        }
+    }
+    let total = gateway
+        .wait_for_metric(
+            "ingest_gateway_coap_separate_responses_total",
+            &[],
+            5.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
+    assert_eq!(total, 5.0);
+    // Two are resent until acknowledged (~93 s for a peer that never
+    // does); three were sent once and are not tracked.
+    assert_eq!(
+        gateway.metric("ingest_gateway_coap_separate_responses_pending", &[]),
+        2.0
+    );
+    assert_eq!(
+        gateway.metric(
+            "ingest_gateway_coap_separate_responses_untracked_total",
+            &[]
+        ),
+        3.0
+    );
+    // Until a pause longer than ACK_TIMEOUT x 1.5 (the resends' intervals
+    // double: 2 to 3 s, then 4 to 6 s, then 8 to 12 s): resends of those
+    // two only.
+    while let Some(message) = peer.recv(Duration::from_secs(7)).await {
+        *separate.entry(message.get_token().to_vec()).or_default() += 1;
+    }
+    let resent = separate.values().filter(|&&n| n > 1).count();
+    assert_eq!(resent, 2, "{separate:?}");
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_with_a_new_token_is_a_new_request() {
+    let (stream, source) = create_stream("gw-reused-id", 1).await;
+    let gateway = GatewayProcess::start(&stream, &[], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let mut first = post("/t/dev-reboot", br#"{"ts":1763900000,"v":1}"#, 7);
+    first.set_token(vec![0xa1, 0xa2]);
+    let answer = response_to(&peer, &first).await;
+    assert_eq!(
+        (code(&answer), answer.get_token()),
+        ("2.04".into(), &[0xa1, 0xa2][..])
+    );
+    // A retransmission (same id, same token) is answered alike, not put.
+    let again = response_to(&peer, &first).await;
+    assert_eq!(
+        (code(&again), again.get_token()),
+        ("2.04".into(), &[0xa1, 0xa2][..])
+    );
+
+    // The device reboots and counts its message ids from the same start:
+    // same endpoint, same id, another token and other data.
+    let mut rebooted = post("/t/dev-reboot", br#"{"ts":1763900001,"v":2}"#, 7);
+    rebooted.set_token(vec![0xb1]);
+    let answer = response_to(&peer, &rebooted).await;
+    assert_eq!(
+        (code(&answer), answer.get_token()),
+        ("2.04".into(), &[0xb1][..])
+    );
+
+    let records = read_stream(&source, 2, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<i64> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_i64().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, [1, 2]);
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_after_an_outage_is_held_within_bounds_and_every_message_lands() {
+    let (stream, source) = create_stream("gw-mqtt-backlog", 1).await;
+    let prefix = prefix("mqtt-backlog");
+    let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
+    let proxy = TcpProxy::start(&host_port(&kinesis)).await;
+    let gateway = bridge(
+        &stream,
+        &prefix,
+        &format!("{prefix}-gw"),
+        &proxy.url_via(&kinesis),
+        &[],
+    )
+    .await;
+    let sentinels = wait_until_subscribed(&gateway, &prefix).await;
+    let acked = gateway.metric("ingest_gateway_mqtt_acked_total", &[]);
+
+    // 30,000 QoS 1 messages queue up in the broker while Kinesis is away;
+    // when it is back, the broker sends them as fast as acknowledgements
+    // go out (Mosquitto 2.0 past its max_inflight_messages).
+    proxy.cut().await;
+    let count = 30_000u32;
+    let lines: String = (1..=count)
+        .map(|i| format!("{{\"ts\":1763900000,\"v\":{i}}}\n"))
+        .collect();
+    let topic = format!("{prefix}/dev-backlog/telemetry");
+    let out = mosquitto_pub_with(&["-q", "1", "-t", &topic, "-l"], lines.as_bytes()).await;
+    assert!(out.status.success(), "{out:?}");
+    proxy.restore().await;
+
+    // The event loop never holds more than its bound (10,000 messages).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut most_held: f64 = 0.0;
+    loop {
+        most_held = most_held.max(gateway.metric("ingest_gateway_mqtt_held", &[]));
+        let now_acked = gateway.metric("ingest_gateway_mqtt_acked_total", &[]);
+        if now_acked >= acked + f64::from(count) {
+            assert_eq!(now_acked, acked + f64::from(count));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} acknowledged; deferred {}",
+            now_acked - acked,
+            gateway.metric("ingest_gateway_mqtt_deferred_total", &[])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        most_held <= 10_000.0,
+        "the bridge held {most_held} messages"
+    );
+    let records = read_stream(&source, count as usize, ARRIVE_WITHIN, SETTLE).await;
+    let mut values: Vec<u32> = records
+        .iter()
+        .map(|record| json(&text(record))["v"].as_u64().unwrap() as u32)
+        .collect();
+    values.sort();
+    values.dedup();
+    assert_eq!(values.len(), count as usize, "every message, none lost");
+    assert!(
+        gateway.metric("ingest_gateway_mqtt_messages_total", &[]) >= sentinels + f64::from(count)
+    );
+    source.delete_stream().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_does_not_push_out_an_exchange_a_client_retransmits() {
+    let (stream, source) = create_stream("gw-exchange-flood", 1).await;
+    // A small cache: 100 exchanges.
+    let gateway = GatewayProcess::start(&stream, &["--exchange-capacity", "100"], &[]).await;
+    let peer = CoapPeer::new(gateway.coap).await;
+    let telemetry = post("/t/dev-flood", br#"{"ts":1763900000,"v":1}"#, 1);
+    let answer = response_to(&peer, &telemetry).await;
+    assert_eq!(code(&answer), "2.04");
+
+    // 1,000 four-byte datagrams (a CON GET of no path: 4.04), as a flood
+    // from spoofed sources would send; each is answered, none remembered.
+    let flood = CoapPeer::new(gateway.coap).await;
+    for id in 2..1_002u16 {
+        let [high, low] = id.to_be_bytes();
+        flood.send_bytes(&[0x40, 0x01, high, low]).await;
+        let answer = flood.recv(ANSWER_WITHIN).await.expect("an answer");
+        assert_eq!(code(&answer), "4.04");
+    }
+
+    // The client retransmits its request: recognised, answered alike, not
+    // put again.
+    let again = response_to(&peer, &telemetry).await;
+    assert_eq!(code(&again), "2.04");
+    let records = read_stream(&source, 1, ARRIVE_WITHIN, SETTLE).await;
+    assert_eq!(records.len(), 1, "put twice");
+    assert_eq!(
+        gateway.metric("ingest_gateway_coap_duplicates_total", &[]),
+        1.0
+    );
     source.delete_stream().await.unwrap();
 }

@@ -13,6 +13,7 @@ use ingest::decode::DecodeLimits;
 use ingest::gateway::GatewayConfig;
 use ingest::gateway::auth::{AuthPolicy, AuthSettings};
 use ingest::gateway::mqtt::{Credentials, MqttSettings, TopicLayout};
+use ingest::gateway::producer::MIN_QUEUE_BYTES;
 
 use super::ConfigFile;
 
@@ -102,13 +103,22 @@ pub struct GatewayArgs {
     /// Records queued for Kinesis before CoAP requests get 5.03 (overload).
     #[arg(long, env = "INGEST_QUEUE_RECORDS", default_value_t = 50_000)]
     queue_records: usize,
+    /// Bytes of records (keys and data) queued for Kinesis, calls in flight
+    /// included, before CoAP requests get 5.03 and the MQTT bridge stops taking
+    /// messages; at least 2 MiB (2097152), room for the largest record.
+    #[arg(long, env = "INGEST_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    queue_bytes: usize,
     /// PutRecords calls in flight at once.
     #[arg(long, env = "INGEST_PUT_CONCURRENCY", default_value_t = 4)]
     put_concurrency: usize,
-    /// CoAP exchanges remembered to recognise retransmissions (about 100 bytes
-    /// each); they are kept 247 s unless more arrive in that time.
+    /// CoAP exchanges remembered to recognise retransmissions (about 270 bytes
+    /// each, measured); they are kept 247 s unless more arrive in that time.
     #[arg(long, env = "INGEST_EXCHANGE_CAPACITY", default_value_t = 1_000_000)]
     exchange_capacity: usize,
+    /// Separate CoAP responses (answers after an empty ACK) resent until the
+    /// client acknowledges them, at once; more are sent once and not resent.
+    #[arg(long, env = "INGEST_MAX_SEPARATE_RESPONSES", default_value_t = 10_000)]
+    max_separate_responses: usize,
     /// How long a shutdown may take to answer what is in flight.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "10s")]
     shutdown_grace: String,
@@ -181,8 +191,24 @@ impl GatewayArgs {
             max_payload_bytes: self.max_payload_bytes,
             put_timeout,
             queue_records: positive("--queue-records", self.queue_records)?,
+            queue_bytes: if self.queue_bytes < MIN_QUEUE_BYTES {
+                return Err(ConfigError::new(
+                    "--queue-bytes",
+                    &self.queue_bytes.to_string(),
+                    format!(
+                        "must be at least {MIN_QUEUE_BYTES}: room for the largest record \
+                         Kinesis takes (1 MiB), twice"
+                    ),
+                ));
+            } else {
+                self.queue_bytes
+            },
             put_concurrency: positive("--put-concurrency", self.put_concurrency)?,
             exchange_capacity: positive("--exchange-capacity", self.exchange_capacity)?,
+            max_separate_responses: positive(
+                "--max-separate-responses",
+                self.max_separate_responses,
+            )?,
             auth,
             mqtt,
             metrics_addr,

@@ -20,10 +20,16 @@ pub struct GatewayConfig {
     pub put_timeout: Duration,
     /// Records queued for Kinesis before CoAP requests get 5.03 (overload).
     pub queue_records: usize,
+    /// Bytes (keys and data) queued for Kinesis before CoAP requests get
+    /// 5.03 and the MQTT bridge stops taking messages (backpressure).
+    pub queue_bytes: usize,
     /// PutRecords calls in flight at once.
     pub put_concurrency: usize,
     /// CoAP exchanges remembered for deduplication (memory bound).
     pub exchange_capacity: usize,
+    /// Separate CoAP responses retransmitted until acknowledged at once;
+    /// beyond it a separate response is sent once, not retransmitted.
+    pub max_separate_responses: usize,
     /// Per-device signatures.
     pub auth: AuthPolicy,
     /// The MQTT bridge, when topics to subscribe to are configured.

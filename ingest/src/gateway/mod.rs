@@ -11,6 +11,7 @@
 //! - [`record`]: a message (origin ids + payload) to the record's JSON.
 //! - [`cbor`]: CBOR payloads to JSON.
 //! - [`auth`]: HMAC-SHA256 signatures per (house, device), fresh and used once.
+//! - [`admission`]: Kinesis's limits for one record, checked before it is queued.
 //! - [`producer`]: batching into PutRecords, retries, each record's outcome.
 //! - [`health`]: whether Kinesis is reachable.
 //! - [`coap`], [`mqtt`]: the two doors.
@@ -19,6 +20,7 @@
 //! `mqtt::layout` and CoAP's message, resource and exchange layers do no IO;
 //! `auth` reads its key files only (at start, and when they change).
 
+pub mod admission;
 pub mod auth;
 pub mod cbor;
 pub mod coap;
@@ -112,6 +114,7 @@ pub async fn run(
         ProducerConfig {
             concurrency: config.put_concurrency,
             queue_records: config.queue_records,
+            queue_bytes: config.queue_bytes,
         },
         health.clone(),
     );
@@ -139,6 +142,7 @@ pub async fn run(
         put_timeout: config.put_timeout,
         auth: config.auth.clone(),
         exchange_capacity: config.exchange_capacity,
+        max_separate_responses: config.max_separate_responses,
     };
     let coap = coap::serve(
         socket,

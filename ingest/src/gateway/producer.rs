@@ -14,6 +14,17 @@
 //! may still write it: at least once, as with any Kinesis producer). A
 //! record without a deadline (MQTT QoS 1: the broker keeps it until it is
 //! acknowledged) is retried until Kinesis takes it or the gateway stops.
+//!
+//! What may wait is bounded twice: in records (`queue_records`) and in
+//! bytes of keys and data (`queue_bytes`), counted from the moment a record
+//! is queued until it is answered, retries and calls in flight included.
+//!
+//! A record Kinesis could never take (a partition key over 256 characters,
+//! more than 1 MiB) is refused before it is queued ([`admission::check`]),
+//! so it never shares a call with others. Should Kinesis still refuse a
+//! call as a whole (InvalidArgument), its records are sent again in halves,
+//! down to the one it refuses alone, which is answered
+//! [`Outcome::Unputtable`]: never retried, never in the way of the others.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,9 +33,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::admission::{self, RateLimitedLog, Unputtable};
 use super::health::KinesisHealth;
 use crate::backoff::Backoff;
 use crate::metrics as m;
@@ -75,6 +87,9 @@ pub enum Outcome {
     /// Kinesis refused it for a reason retrying cannot fix (stream deleted,
     /// access denied): someone must act (CoAP 5.00).
     Refused(String),
+    /// Kinesis refused this record alone, whatever the others: it can
+    /// never be put (MQTT: acknowledged and dropped; CoAP 4.00).
+    Unputtable(Unputtable),
 }
 
 /// Why a record was not even queued.
@@ -86,6 +101,9 @@ pub enum SubmitError {
     /// The producer has stopped: the gateway is shutting down.
     #[error("the gateway is shutting down")]
     Closed,
+    /// Kinesis could never take the record: never queued, never retried.
+    #[error(transparent)]
+    Unputtable(#[from] Unputtable),
 }
 
 /// Settings of the producer.
@@ -95,7 +113,14 @@ pub struct ProducerConfig {
     pub concurrency: usize,
     /// Records waiting for a call before submitters are told "full".
     pub queue_records: usize,
+    /// Bytes of keys and data waiting (or in calls) before submitters are
+    /// told "full"; at least [`MIN_QUEUE_BYTES`].
+    pub queue_bytes: usize,
 }
+
+/// The least `queue_bytes`: room for the largest record Kinesis takes, so
+/// that every record that passes [`admission::check`] can be queued.
+pub const MIN_QUEUE_BYTES: usize = 2 * crate::source::kinesis::MAX_RECORD_BYTES;
 
 /// The handle submitters hold; cheap to clone. The producer stops when
 /// every handle is dropped and what was queued is answered.
@@ -103,6 +128,8 @@ pub struct ProducerConfig {
 pub struct Producer {
     /// The queue into the producer task.
     tx: mpsc::Sender<Pending>,
+    /// The byte budget: one permit per byte of key and data queued.
+    budget: Arc<Semaphore>,
 }
 
 /// A record waiting in the producer.
@@ -119,6 +146,9 @@ struct Meta {
     deadline: Option<Instant>,
     protocol: Protocol,
     reply: oneshot::Sender<Outcome>,
+    /// The record's share of the byte budget, given back when it is
+    /// answered (dropped with it).
+    _bytes: OwnedSemaphorePermit,
 }
 
 impl Producer {
@@ -128,9 +158,11 @@ impl Producer {
         config: ProducerConfig,
         health: Arc<KinesisHealth>,
     ) -> (Producer, tokio::task::JoinHandle<()>) {
+        let queue_bytes = config.queue_bytes.max(MIN_QUEUE_BYTES);
+        let budget = Arc::new(Semaphore::new(queue_bytes));
         let (tx, rx) = mpsc::channel(config.queue_records.max(1));
-        let task = tokio::spawn(run(source, rx, config, health));
-        (Producer { tx }, task)
+        let task = tokio::spawn(run(source, rx, config, budget.clone(), health));
+        (Producer { tx, budget }, task)
     }
 
     /// Queues `submission` if there is room; the receiver gets its outcome.
@@ -138,7 +170,13 @@ impl Producer {
         &self,
         submission: Submission,
     ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
-        let (pending, receiver) = pending(submission);
+        let size = admitted(&submission)?;
+        let permit = match self.budget.clone().try_acquire_many_owned(size) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(SubmitError::Full),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::Closed),
+        };
+        let (pending, receiver) = pending(submission, permit);
         self.tx.try_send(pending).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => SubmitError::Full,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
@@ -146,12 +184,19 @@ impl Producer {
         Ok(receiver)
     }
 
-    /// Queues `submission`, waiting for room.
+    /// Queues `submission`, waiting for room (records and bytes).
     pub async fn submit(
         &self,
         submission: Submission,
     ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
-        let (pending, receiver) = pending(submission);
+        let size = admitted(&submission)?;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(size)
+            .await
+            .map_err(|_| SubmitError::Closed)?;
+        let (pending, receiver) = pending(submission, permit);
         self.tx
             .send(pending)
             .await
@@ -160,7 +205,17 @@ impl Producer {
     }
 }
 
-fn pending(submission: Submission) -> (Pending, oneshot::Receiver<Outcome>) {
+/// The submission's size in the byte budget, if Kinesis can take it.
+fn admitted(submission: &Submission) -> Result<u32, Unputtable> {
+    admission::check(&submission.key, &submission.data)?;
+    // Within MAX_RECORD_BYTES, so it fits.
+    Ok((submission.key.len() + submission.data.len()) as u32)
+}
+
+fn pending(
+    submission: Submission,
+    permit: OwnedSemaphorePermit,
+) -> (Pending, oneshot::Receiver<Outcome>) {
     let (reply, receiver) = oneshot::channel();
     let pending = Pending {
         record: (submission.key, submission.data),
@@ -168,6 +223,7 @@ fn pending(submission: Submission) -> (Pending, oneshot::Receiver<Outcome>) {
             deadline: submission.deadline,
             protocol: submission.protocol,
             reply,
+            _bytes: permit,
         },
     };
     (pending, receiver)
@@ -184,16 +240,22 @@ async fn run(
     source: KinesisSource,
     mut rx: mpsc::Receiver<Pending>,
     config: ProducerConfig,
+    budget: Arc<Semaphore>,
     health: Arc<KinesisHealth>,
 ) {
     let concurrency = config.concurrency.max(1);
+    let queue_bytes = config.queue_bytes.max(MIN_QUEUE_BYTES);
     // Records taken off the channel: enough to fill every call once more.
     let cap = MAX_RECORDS_PER_PUT * concurrency;
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    // Parts of a call Kinesis refused as a whole, sent before anything else
+    // (halved until the record it refuses is alone).
+    let mut isolating: VecDeque<Vec<Pending>> = VecDeque::new();
     let mut calls = FuturesUnordered::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut pause_until: Option<Instant> = None;
     let mut last_error = String::from("no call has succeeded yet");
+    let mut dropped_log = RateLimitedLog::new(Duration::from_secs(10));
     let mut open = true;
     loop {
         while open && pending.len() < cap {
@@ -205,8 +267,12 @@ async fn run(
         }
         let now = Instant::now();
         let paused = pause_until.is_some_and(|until| until > now);
-        while !paused && calls.len() < concurrency && !pending.is_empty() {
-            let (records, metas) = take_batch(&mut pending, now, &last_error);
+        while !paused && calls.len() < concurrency && !(pending.is_empty() && isolating.is_empty())
+        {
+            let (records, metas) = match isolating.pop_front() {
+                Some(part) => take_batch(&mut VecDeque::from(part), now, &last_error),
+                None => take_batch(&mut pending, now, &last_error),
+            };
             if records.is_empty() {
                 continue;
             }
@@ -220,18 +286,25 @@ async fn run(
             });
         }
         metrics::gauge!(m::GATEWAY_QUEUE_RECORDS).set((pending.len() + rx.len()) as f64);
-        if !open && pending.is_empty() && calls.is_empty() {
+        metrics::gauge!(m::GATEWAY_QUEUE_BYTES)
+            .set(queue_bytes.saturating_sub(budget.available_permits()) as f64);
+        if !open && pending.is_empty() && isolating.is_empty() && calls.is_empty() {
             return;
         }
         tokio::select! {
             Some(done) = calls.next(), if !calls.is_empty() => {
-                let retry = settle(done, &health, &mut last_error);
-                if retry.is_empty() {
+                let settled = settle(done, &health, &mut last_error, &mut dropped_log);
+                // A refused call's halves go first; no pause for them, as
+                // the refusal was about a record, not about Kinesis's state.
+                for part in settled.halves.into_iter().rev() {
+                    isolating.push_front(part);
+                }
+                if settled.retry.is_empty() {
                     backoff.reset();
                 } else {
                     pause_until = Some(Instant::now() + backoff.next_delay());
                     // Older records go first again.
-                    for record in retry.into_iter().rev() {
+                    for record in settled.retry.into_iter().rev() {
                         pending.push_front(record);
                     }
                 }
@@ -285,14 +358,24 @@ fn take_batch(
     (records, metas)
 }
 
+/// What is left of a finished call: records to send again after a pause,
+/// and the halves of a call Kinesis refused as a whole.
+#[derive(Debug, Default)]
+struct Settled {
+    retry: Vec<Pending>,
+    halves: Vec<Vec<Pending>>,
+}
+
 /// Answers the records of a finished call that are done (stored, or refused
-/// for good) and returns those to retry, in their order.
+/// for good) and returns those to send again, in their order.
 fn settle(
     (records, metas, result): CallResult,
     health: &KinesisHealth,
     last_error: &mut String,
-) -> Vec<Pending> {
-    let mut retry = Vec::new();
+    dropped_log: &mut RateLimitedLog,
+) -> Settled {
+    let mut settled = Settled::default();
+    let retry = &mut settled.retry;
     match result {
         Ok(entries) => {
             health.reached();
@@ -331,6 +414,37 @@ fn settle(
                 );
             }
         }
+        // Kinesis refused the call for its arguments: a record it will
+        // never take. Halve the call until that record is alone.
+        Err(err) if err.is_invalid_argument() => {
+            metrics::counter!(m::GATEWAY_PUT_CALLS, "outcome" => "refused").increment(1);
+            let mut parts: Vec<Pending> = records
+                .into_iter()
+                .zip(metas)
+                .map(|(record, meta)| Pending { record, meta })
+                .collect();
+            if parts.len() > 1 {
+                let second = parts.split_off(parts.len() / 2);
+                settled.halves = vec![parts, second];
+            } else if let Some(alone) = parts.pop() {
+                let protocol = alone.meta.protocol.label();
+                metrics::counter!(m::GATEWAY_REJECTED, "protocol" => protocol, "reason" => Unputtable::Refused.reason())
+                    .increment(1);
+                if let Some(suppressed) = dropped_log.allow(std::time::Instant::now()) {
+                    tracing::error!(
+                        key = %alone.record.0,
+                        bytes = alone.record.1.len(),
+                        error = %err,
+                        suppressed,
+                        "Kinesis refused a record on its own: dropped, never retried"
+                    );
+                }
+                let _ = alone
+                    .meta
+                    .reply
+                    .send(Outcome::Unputtable(Unputtable::Refused));
+            }
+        }
         Err(err) => {
             health.failed(&err);
             metrics::counter!(m::GATEWAY_PUT_CALLS, "outcome" => "error").increment(1);
@@ -351,5 +465,119 @@ fn settle(
             *last_error = err.to_string();
         }
     }
-    retry
+    settled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::Readiness;
+    use crate::source::kinesis::Call;
+
+    fn pending(key: &str, budget: &Arc<Semaphore>) -> (Pending, oneshot::Receiver<Outcome>) {
+        let permit = budget.clone().try_acquire_many_owned(1).unwrap();
+        super::pending(
+            Submission {
+                key: key.to_owned(),
+                data: Bytes::from_static(b"{}"),
+                deadline: None,
+                protocol: Protocol::Mqtt,
+            },
+            permit,
+        )
+    }
+
+    fn refused_call(parts: Vec<Pending>) -> CallResult {
+        let (records, metas) = parts.into_iter().map(|p| (p.record, p.meta)).unzip();
+        let err = SourceError::InvalidArgument {
+            call: Call {
+                operation: "PutRecords",
+                stream: "s".into(),
+                shard: None,
+            },
+            detail: "ValidationException: partitionKey too long".into(),
+        };
+        (records, metas, Err(err))
+    }
+
+    #[test]
+    fn a_call_refused_as_a_whole_is_halved_down_to_the_record_refused_alone() {
+        let health = KinesisHealth::new(Arc::new(Readiness::default()));
+        let budget = Arc::new(Semaphore::new(10));
+        let mut last_error = String::new();
+        let mut log = RateLimitedLog::new(Duration::from_secs(10));
+        let mut receivers = Vec::new();
+        let mut parts = Vec::new();
+        for key in ["a", "b", "c"] {
+            let (p, r) = pending(key, &budget);
+            parts.push(p);
+            receivers.push(r);
+        }
+        let settled = settle(refused_call(parts), &health, &mut last_error, &mut log);
+        assert!(settled.retry.is_empty(), "never retried after a pause");
+        let keys: Vec<Vec<&str>> = settled
+            .halves
+            .iter()
+            .map(|half| half.iter().map(|p| p.record.0.as_str()).collect())
+            .collect();
+        assert_eq!(keys, [vec!["a"], vec!["b", "c"]]);
+        assert_eq!(budget.available_permits(), 7, "still held while sent again");
+
+        // Refused alone: answered, never to be put; its bytes are given back.
+        let mut halves = settled.halves.into_iter();
+        let (alone, rest) = (halves.next().unwrap(), halves.next().unwrap());
+        let settled = settle(refused_call(alone), &health, &mut last_error, &mut log);
+        assert!(settled.retry.is_empty() && settled.halves.is_empty());
+        assert_eq!(
+            receivers.remove(0).try_recv(),
+            Ok(Outcome::Unputtable(Unputtable::Refused))
+        );
+        assert_eq!(budget.available_permits(), 8);
+        drop(rest);
+        assert_eq!(budget.available_permits(), 10);
+    }
+
+    #[test]
+    fn a_record_kinesis_could_never_take_is_not_queued() {
+        let budget = Arc::new(Semaphore::new(MIN_QUEUE_BYTES));
+        let (tx, _rx) = mpsc::channel(10);
+        let producer = Producer { tx, budget };
+        let submission = |key: String, size: usize| Submission {
+            key,
+            data: Bytes::from(vec![b'x'; size]),
+            deadline: None,
+            protocol: Protocol::Coap,
+        };
+        let err = producer
+            .try_submit(submission("d".repeat(300), 10))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SubmitError::Unputtable(Unputtable::KeyTooLong { chars: 300 })
+        );
+        let err = producer
+            .try_submit(submission("d".into(), 1 << 20))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SubmitError::Unputtable(Unputtable::TooLarge { .. })
+        ));
+        // Within the limits but over what is left of the byte budget: full.
+        assert!(
+            producer
+                .try_submit(submission("d".into(), 1_000_000))
+                .is_ok()
+        );
+        assert!(
+            producer
+                .try_submit(submission("d".into(), 1_000_000))
+                .is_ok()
+        );
+        assert_eq!(
+            producer
+                .try_submit(submission("d".into(), 1_000_000))
+                .unwrap_err(),
+            SubmitError::Full
+        );
+    }
 }

@@ -18,9 +18,15 @@
 //!    exponential backoff until the client acknowledges it.
 //! 5. The answer is 2.04 once Kinesis took the record, 5.03 with Max-Age
 //!    when it did not by `--put-timeout`.
+//!
+//! At most `--max-separate-responses` separate responses are resent at
+//! once (each may wait ~93 s for a peer that never acknowledges, a spoofed
+//! source); beyond that bound a separate response is sent once, as a
+//! client that lost it retransmits its request and gets it again from the
+//! exchange cache.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -33,11 +39,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::block::{Block, Progress, Uploads};
-use super::exchange::{Exchanges, Key, Seen, State};
+use super::exchange::{Exchanges, Key, State, Token};
 use super::message::{self, FORMAT_TEXT, Reply, Request};
 use super::resource::{self, Route, TelemetryRules};
 use crate::decode::{DecodeLimits, Decoder, now_micros};
-use crate::gateway::auth::AuthPolicy;
+use crate::gateway::admission::Unputtable;
+use crate::gateway::auth::{AuthPolicy, SIGNATURE_PARAMETER};
 use crate::gateway::health::KinesisHealth;
 use crate::gateway::producer::{Outcome, Producer, Protocol, Submission, SubmitError};
 use crate::metrics as m;
@@ -69,6 +76,8 @@ pub struct CoapSettings {
     pub auth: AuthPolicy,
     /// The exchange cache's capacity.
     pub exchange_capacity: usize,
+    /// Separate responses resent until acknowledged, at once.
+    pub max_separate_responses: usize,
 }
 
 /// Everything the receive loop and the request tasks share.
@@ -86,6 +95,9 @@ struct Server {
     awaiting_ack: Mutex<std::collections::HashMap<Key, oneshot::Sender<()>>>,
     /// Message ids of our own confirmable and non-confirmable messages.
     next_message_id: AtomicU16,
+    /// Separate responses being resent until acknowledged (bounded by
+    /// `max_separate_responses`).
+    separate_in_flight: AtomicUsize,
     /// Whether the exchange cache has filled up before EXCHANGE_LIFETIME
     /// (said once in the log).
     capacity_reached: AtomicBool,
@@ -104,6 +116,9 @@ struct ReplyTo {
     request_bytes: usize,
     /// The last block of a block-wise upload: its answer echoes it.
     last_block: Option<Block>,
+    /// Whether the exchange is remembered (its answer is kept for
+    /// retransmissions); if not, the answer is sent and forgotten.
+    remembered: bool,
 }
 
 /// Serves CoAP on `socket` until `shutdown`, then waits (at most `grace`)
@@ -131,8 +146,10 @@ pub async fn serve(
         uploads: Mutex::default(),
         awaiting_ack: Mutex::default(),
         next_message_id: AtomicU16::new(seed_message_id()),
+        separate_in_flight: AtomicUsize::new(0),
         capacity_reached: AtomicBool::new(false),
     });
+    metrics::gauge!(m::GATEWAY_COAP_SEPARATE_PENDING).set(0.0);
     let mut decoder = Decoder::new(DecodeLimits::default());
     let mut buffer = vec![0u8; DATAGRAM_BUFFER];
     // The tasks of requests waiting for Kinesis.
@@ -243,28 +260,21 @@ impl Server {
         }
 
         let key = (peer, message_id);
+        let exchange_token = Token::new(packet.get_token());
+        // Only a lookup: an exchange is remembered (below) only if its
+        // request changed something, so that a flood of junk or refused
+        // requests does not push out the exchanges that need remembering.
         let seen = match self.exchanges.lock() {
             Ok(mut exchanges) => {
-                let seen = exchanges.begin(key, std::time::Instant::now());
-                if seen == Seen::Duplicate(State::InFlight { acked: false }) && confirmable {
-                    exchanges.acknowledge(&key);
-                }
-                metrics::gauge!(m::GATEWAY_COAP_EXCHANGES).set(exchanges.len() as f64);
-                if exchanges.early_rotations() > 0
-                    && !self.capacity_reached.swap(true, Ordering::Relaxed)
-                {
-                    tracing::warn!(
-                        capacity = self.settings.exchange_capacity,
-                        "the CoAP exchange cache filled up within EXCHANGE_LIFETIME (247 s): \
-                         retransmissions are recognised for a shorter time; raise \
-                         --exchange-capacity"
-                    );
+                let seen = exchanges.seen(&key, exchange_token);
+                if seen == Some(State::InFlight { acked: false }) && confirmable {
+                    exchanges.acknowledge(&key, exchange_token);
                 }
                 seen
             }
-            Err(_) => Seen::New,
+            Err(_) => None,
         };
-        if let Seen::Duplicate(state) = seen {
+        if let Some(state) = seen {
             metrics::counter!(m::GATEWAY_COAP_DUPLICATES).increment(1);
             match state {
                 State::Answered(Some(datagram)) => self.send(&datagram, peer),
@@ -292,10 +302,25 @@ impl Server {
                     no_response: 0,
                     request_bytes: bytes.len(),
                     last_block: None,
+                    remembered: false,
                 };
                 return self.answer(&to, Reply::error(unreadable.code, unreadable.reason));
             }
         };
+        let handled = self.handle(&request, peer, decoder, producer);
+        // What a retransmission must not do again: queue a record, move a
+        // block-wise upload on, or use a signature that was taken. The rest
+        // (4.04, a refused payload, /health ...) is answered alike again.
+        let signed = request.query_value(SIGNATURE_PARAMETER).is_some();
+        let remembered = match &handled {
+            Err(_) => true,
+            Ok(reply) => {
+                request.block1.is_some() || (signed && reply.code != ResponseType::Unauthorized)
+            }
+        };
+        if remembered {
+            self.remember(key, exchange_token);
+        }
         let to = ReplyTo {
             peer,
             message_id,
@@ -304,14 +329,33 @@ impl Server {
             no_response: request.no_response,
             request_bytes: bytes.len(),
             last_block: request.block1.filter(|block| !block.more),
+            remembered,
         };
-        match self.handle(&request, peer, decoder, producer) {
+        match handled {
             Ok(reply) => self.answer(&to, reply),
             Err(receiver) => {
                 let server = Arc::clone(self);
                 let deadline = Instant::now() + self.settings.put_timeout;
                 requests.spawn(async move { server.wait_and_answer(to, receiver, deadline).await });
             }
+        }
+    }
+
+    /// Remembers the exchange `key` (a new one, in flight), for its
+    /// retransmissions.
+    fn remember(&self, key: Key, token: Token) {
+        let Ok(mut exchanges) = self.exchanges.lock() else {
+            return;
+        };
+        exchanges.begin(key, token, std::time::Instant::now());
+        metrics::gauge!(m::GATEWAY_COAP_EXCHANGES).set(exchanges.len() as f64);
+        if exchanges.early_rotations() > 0 && !self.capacity_reached.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                capacity = self.settings.exchange_capacity,
+                "the CoAP exchange cache filled up within EXCHANGE_LIFETIME (247 s): \
+                 retransmissions are recognised for a shorter time; raise \
+                 --exchange-capacity"
+            );
         }
     }
 
@@ -379,14 +423,18 @@ impl Server {
         };
         match producer.try_submit(submission) {
             Ok(receiver) => Err(receiver),
+            Err(SubmitError::Unputtable(unputtable)) => {
+                rejected(unputtable.reason());
+                Ok(unputtable_reply(unputtable))
+            }
             Err(err) => {
                 rejected(match err {
-                    SubmitError::Full => "overloaded",
                     SubmitError::Closed => "shutting_down",
+                    _ => "overloaded",
                 });
                 let retry_after = match err {
-                    SubmitError::Full => RETRY_AFTER_FULL,
                     SubmitError::Closed => RETRY_AFTER_UNAVAILABLE,
+                    _ => RETRY_AFTER_FULL,
                 };
                 Ok(unavailable(err.to_string(), retry_after))
             }
@@ -444,11 +492,12 @@ impl Server {
             Ok(outcome) => outcome.ok(),
             Err(_) => {
                 let key = (to.peer, to.message_id);
+                let token = Token::new(&to.token);
                 let acknowledge = to.confirmable
                     && self
                         .exchanges
                         .lock()
-                        .is_ok_and(|mut exchanges| exchanges.acknowledge(&key));
+                        .is_ok_and(|mut exchanges| exchanges.acknowledge(&key, token));
                 if acknowledge {
                     self.send(&message::empty_ack(to.message_id), to.peer);
                 }
@@ -468,6 +517,8 @@ impl Server {
                     RETRY_AFTER_UNAVAILABLE,
                 )
             }
+            // Counted by the producer, which found it out.
+            Some(Outcome::Unputtable(unputtable)) => unputtable_reply(unputtable),
             Some(Outcome::Refused(reason)) => {
                 rejected("refused");
                 tracing::warn!(%reason, "Kinesis refused a CoAP record");
@@ -505,17 +556,29 @@ impl Server {
             .then(|| Bytes::from(reply.encode(MessageType::NonConfirmable, own_id(), &to.token)));
         // What a retransmission of the request will get: decided with the
         // exchange locked, so that it agrees with what is sent now.
-        let acked = self
-            .exchanges
-            .lock()
-            .map(|mut exchanges| {
-                exchanges.answer(key, |acked| match (&piggybacked, acked) {
-                    (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
-                    (Some(datagram), false) => Some(datagram.clone()),
-                    (None, _) => non.clone(),
+        let acked = if !to.remembered {
+            Some(false)
+        } else {
+            self.exchanges
+                .lock()
+                .map(|mut exchanges| {
+                    exchanges.answer(key, Token::new(&to.token), |acked| {
+                        match (&piggybacked, acked) {
+                            (Some(_), true) => Some(Bytes::from(message::empty_ack(to.message_id))),
+                            (Some(datagram), false) => Some(datagram.clone()),
+                            (None, _) => non.clone(),
+                        }
+                    })
                 })
-            })
-            .unwrap_or(false);
+                .unwrap_or(Some(false))
+        };
+        let Some(acked) = acked else {
+            // A new request with this message id (another token) took the
+            // exchange's place: this answer's client is gone, and an ACK
+            // with its id would stop the new request's retransmissions.
+            tracing::debug!(peer = %to.peer, id = to.message_id, "answer to a superseded CoAP exchange not sent");
+            return;
+        };
         if to.confirmable && acked {
             // The client has its empty ACK: the answer is a confirmable
             // message of its own (No-Response may suppress it).
@@ -523,7 +586,18 @@ impl Server {
                 metrics::counter!(m::GATEWAY_COAP_SEPARATE).increment(1);
                 let id = own_id();
                 let datagram = reply.encode(MessageType::Confirmable, id, &to.token);
-                tokio::spawn(Arc::clone(self).deliver_separately(to.peer, id, datagram));
+                match SeparateSlot::take(self) {
+                    Some(slot) => {
+                        tokio::spawn(
+                            Arc::clone(self).deliver_separately(to.peer, id, datagram, slot),
+                        );
+                    }
+                    None => {
+                        // Over the bound: sent once, never resent.
+                        metrics::counter!(m::GATEWAY_COAP_UNTRACKED).increment(1);
+                        self.send(&datagram, to.peer);
+                    }
+                }
             }
         } else if let Some(datagram) = piggybacked {
             // A confirmable request is always acknowledged; No-Response
@@ -541,7 +615,13 @@ impl Server {
     /// Sends a separate confirmable response until the client acknowledges
     /// (or resets) it, at most MAX_RETRANSMIT times more, waiting ACK_TIMEOUT
     /// (times a random factor up to 1.5) and doubling.
-    async fn deliver_separately(self: Arc<Self>, peer: SocketAddr, id: u16, datagram: Vec<u8>) {
+    async fn deliver_separately(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        id: u16,
+        datagram: Vec<u8>,
+        _slot: SeparateSlot,
+    ) {
         let (tx, mut rx) = oneshot::channel();
         if let Ok(mut waiting) = self.awaiting_ack.lock() {
             waiting.insert((peer, id), tx);
@@ -592,6 +672,46 @@ fn no_larger_than(mut reply: Reply, request_bytes: usize, token: &[u8]) -> Reply
         reply.payload.truncate(cut);
     }
     reply
+}
+
+/// One of the `max_separate_responses` places for a separate response
+/// being resent; given back when dropped.
+#[derive(Debug)]
+struct SeparateSlot(Arc<Server>);
+
+impl SeparateSlot {
+    /// A place, if one is free.
+    fn take(server: &Arc<Server>) -> Option<SeparateSlot> {
+        let limit = server.settings.max_separate_responses;
+        let taken =
+            server
+                .separate_in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+        let now = match taken {
+            Ok(before) => before + 1,
+            Err(_) => return None,
+        };
+        metrics::gauge!(m::GATEWAY_COAP_SEPARATE_PENDING).set(now as f64);
+        Some(SeparateSlot(Arc::clone(server)))
+    }
+}
+
+impl Drop for SeparateSlot {
+    fn drop(&mut self) {
+        let before = self.0.separate_in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::GATEWAY_COAP_SEPARATE_PENDING).set((before - 1) as f64);
+    }
+}
+
+/// The answer to a record Kinesis can never take: the request is at fault.
+fn unputtable_reply(unputtable: Unputtable) -> Reply {
+    let code = match unputtable {
+        Unputtable::TooLarge { .. } => ResponseType::RequestEntityTooLarge,
+        _ => ResponseType::BadRequest,
+    };
+    Reply::error(code, unputtable.to_string())
 }
 
 /// A 5.03 with Max-Age: try again in `seconds`.

@@ -1,8 +1,9 @@
 //! The MQTT bridge: what an AWS IoT rule with a Kinesis action does, for a
 //! broker of our own (Mosquitto locally). It subscribes to the configured
 //! filters, turns each message into a record (topic levels by
-//! [`TopicLayout`], payload by [`record::build`]) and puts it into Kinesis
-//! with the device as partition key.
+//! [`TopicLayout`], payload by
+//! [`record::build`](crate::gateway::record::build)) and puts it into
+//! Kinesis with the device as partition key.
 //!
 //! QoS 1 messages are acknowledged to the broker only after Kinesis took
 //! their record, in the order they arrived (MQTT 3.1.1 §4.6), with a
@@ -18,26 +19,61 @@
 //! the decoder takes) is acknowledged and dropped, logged with its topic
 //! and counted, as an IoT rule's error action would. A record that is built
 //! but would not decode (a NaN, a bad `ts`) is put all the same, as an IoT
-//! rule does: the consumer keeps it as a dead letter with its reason.
+//! rule does: the consumer keeps it as a dead letter with its reason. A
+//! record Kinesis could never take (a device id over 256 characters, more
+//! than 1 MiB once encoded) is acknowledged and dropped the same way, never
+//! queued: one such message must not stop the messages behind it.
+//!
+//! Memory is bounded, and the rumqttc event loop is never blocked (it must
+//! keep sending acknowledgements and pings): packets are read up to
+//! `max_payload_bytes` plus the largest topic (the broker's
+//! `message_size_limit` must match, or an oversized message is redelivered
+//! forever); messages are handed to the forwarder over a bounded channel
+//! without waiting; when it is full, QoS 0 messages are dropped and counted
+//! and QoS 1 messages are held until there is room, at most [`MAX_HELD`]
+//! messages and [`MAX_HELD_BYTES`] (a broker's in-flight window,
+//! `max_inflight_messages`, would bound them, but Mosquitto 2.0 was seen
+//! to send far more after a Kinesis outage). A QoS 1 message beyond that is
+//! left unacknowledged with the broker (deferred, counted) and, once the
+//! bridge is idle again, the bridge reconnects so that the broker delivers
+//! it again (persistent session). The forwarder (`forward.rs`) waits for
+//! room in the producer's queue (records and bytes) while it keeps
+//! acknowledging, and holds at most [`MAX_WAITING`] messages waiting for
+//! their in-order acknowledgement, without their payloads.
 
-use std::time::{Duration, SystemTime};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::layout::{TopicLayout, map_topic};
+use super::forward::forward;
+use super::layout::TopicLayout;
 use crate::backoff::Backoff;
-use crate::gateway::producer::{Outcome, Producer, Protocol, Submission};
-use crate::gateway::record::{self, Conflict, Payload};
+use crate::gateway::admission::RateLimitedLog;
+use crate::gateway::producer::Producer;
 use crate::metrics as m;
 
-/// The largest MQTT packet read: MQTT's own limit. Refusing bigger ones at
-/// the connection would drop it, and the broker would deliver the same
-/// message again forever; they are read and refused one by one instead.
-const MAX_PACKET_BYTES: usize = 268_435_455;
+/// What a PUBLISH packet carries besides its payload, at most: the topic
+/// (up to 65,535 bytes and its length) and the packet id. A packet's
+/// remaining length may be the payload limit plus this.
+const PUBLISH_OVERHEAD_BYTES: usize = 65_535 + 2 + 2;
+/// Messages handed from the event loop to the forwarder without waiting.
+pub const HANDOVER_CAPACITY: usize = 256;
+/// Messages waiting for their in-order acknowledgement, at most: more are
+/// not taken from the handover until some are acknowledged.
+pub const MAX_WAITING: usize = 10_000;
+/// QoS 1 messages the event loop holds when the handover is full, at most.
+pub const MAX_HELD: usize = 10_000;
+/// Bytes (payloads and topics) the event loop holds, at most.
+pub const MAX_HELD_BYTES: usize = 32 * 1024 * 1024;
+/// How often a bridge that deferred messages checks whether it is idle.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// The least time between two log lines about dropped messages.
+pub(super) const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the broker hears from an idle bridge.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -60,7 +96,9 @@ pub struct MqttSettings {
     pub share_group: Option<String>,
     /// How topics map to records.
     pub layouts: Vec<TopicLayout>,
-    /// Larger payloads are refused (the decoder's limit).
+    /// Larger payloads are refused (the decoder's limit); packets are read
+    /// up to this plus the topic, so the broker must refuse larger messages
+    /// (Mosquitto's `message_size_limit`).
     pub max_payload_bytes: usize,
 }
 
@@ -109,19 +147,35 @@ pub async fn run(
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(KEEP_ALIVE)
-        .set_max_packet_size(MAX_PACKET_BYTES, 64 * 1024);
+        .set_max_packet_size(
+            settings.max_payload_bytes + PUBLISH_OVERHEAD_BYTES,
+            64 * 1024,
+        );
     if let Some(credentials) = &settings.credentials {
         options.set_credentials(&credentials.user, &credentials.password);
     }
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    let (messages, received) = mpsc::unbounded_channel();
+    let (messages, received) = mpsc::channel(HANDOVER_CAPACITY);
+    // QoS 1 messages that found the handover full, oldest first.
+    let mut held: VecDeque<Publish> = VecDeque::new();
+    let mut held_bytes = 0;
+    metrics::gauge!(m::GATEWAY_MQTT_HELD).set(0.0);
+    // QoS 1 messages left with the broker since the last (re)connection,
+    // and how many idle checks in a row found the bridge idle.
+    let mut deferred = 0u64;
+    let mut idle_checks = 0;
+    let mut idle_tick = tokio::time::interval(IDLE_CHECK);
+    let mut drop_log = RateLimitedLog::new(DROP_LOG_EVERY);
     let stop_forwarding = CancellationToken::new();
+    // Messages the forwarder has taken and not acknowledged yet.
+    let busy = Arc::new(AtomicUsize::new(0));
     let mut forwarder = tokio::spawn(forward(
         received,
         client.clone(),
         producer,
         settings.clone(),
         stop_forwarding.clone(),
+        busy.clone(),
     ));
     let subscriptions = settings.subscriptions();
     let filters: Vec<SubscribeFilter> = subscriptions
@@ -133,6 +187,33 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            permit = messages.reserve(), if !held.is_empty() => {
+                if let (Ok(permit), Some(publish)) = (permit, held.pop_front()) {
+                    held_bytes -= publish.payload.len() + publish.topic.len();
+                    permit.send(publish);
+                }
+                metrics::gauge!(m::GATEWAY_MQTT_HELD).set(held.len() as f64);
+                continue;
+            }
+            _ = idle_tick.tick(), if deferred > 0 => {
+                let idle = held.is_empty()
+                    && messages.capacity() == HANDOVER_CAPACITY
+                    && busy.load(Ordering::Acquire) == 0;
+                idle_checks = if idle { idle_checks + 1 } else { 0 };
+                // Twice in a row: the last acknowledgements are written.
+                if idle_checks >= 2 {
+                    tracing::info!(
+                        deferred,
+                        "MQTT bridge idle again: reconnecting so that the broker delivers \
+                         the messages left with it"
+                    );
+                    deferred = 0;
+                    idle_checks = 0;
+                    // Drops the connection; the next poll connects again.
+                    eventloop.clean();
+                }
+                continue;
+            }
             event = eventloop.poll() => event,
         };
         match event {
@@ -170,7 +251,43 @@ pub async fn run(
                     QoS::ExactlyOnce => "2",
                 };
                 metrics::counter!(m::GATEWAY_MQTT_MESSAGES, "qos" => qos).increment(1);
-                let _ = messages.send(publish);
+                // Never waits: the event loop must go on being polled.
+                let full = if held.is_empty() {
+                    match messages.try_send(publish) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(publish)) => Some(publish),
+                        Err(mpsc::error::TrySendError::Closed(_)) => None,
+                    }
+                } else {
+                    Some(publish)
+                };
+                if let Some(publish) = full {
+                    if publish.qos == QoS::AtMostOnce {
+                        metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "mqtt", "reason" => "overloaded")
+                            .increment(1);
+                        if let Some(suppressed) = drop_log.allow(std::time::Instant::now()) {
+                            tracing::warn!(topic = %publish.topic, suppressed, "MQTT QoS 0 message dropped: the bridge is full");
+                        }
+                    } else if held.len() < MAX_HELD
+                        && held_bytes + publish.payload.len() + publish.topic.len()
+                            <= MAX_HELD_BYTES
+                    {
+                        held_bytes += publish.payload.len() + publish.topic.len();
+                        held.push_back(publish);
+                        metrics::gauge!(m::GATEWAY_MQTT_HELD).set(held.len() as f64);
+                    } else {
+                        // Not acknowledged: the broker keeps it and delivers
+                        // it again after the reconnection once idle.
+                        deferred += 1;
+                        metrics::counter!(m::GATEWAY_MQTT_DEFERRED).increment(1);
+                        if let Some(suppressed) = drop_log.allow(std::time::Instant::now()) {
+                            tracing::warn!(
+                                suppressed,
+                                "MQTT bridge full: a QoS 1 message is left with the broker until the bridge is idle"
+                            );
+                        }
+                    }
+                }
             }
             Ok(_) => {}
             Err(error) => {
@@ -217,121 +334,4 @@ pub async fn run(
         }
     }
     tracing::info!("MQTT bridge stopped");
-}
-
-/// Turns messages into records, queues them, and acknowledges each QoS 1
-/// message once its record is stored, in arrival order.
-async fn forward(
-    mut received: mpsc::UnboundedReceiver<Publish>,
-    client: AsyncClient,
-    producer: Producer,
-    settings: MqttSettings,
-    stop: CancellationToken,
-) {
-    // Messages waiting for their outcome, in arrival order: (message, stored).
-    let mut waiting = FuturesOrdered::new();
-    let mut stopping = false;
-    loop {
-        metrics::gauge!(m::GATEWAY_MQTT_UNACKED).set(waiting.len() as f64);
-        if stopping && waiting.is_empty() {
-            return;
-        }
-        tokio::select! {
-            biased;
-            Some((publish, stored)) = waiting.next(), if !waiting.is_empty() => {
-                let publish: Publish = publish;
-                if stored && publish.qos != QoS::AtMostOnce {
-                    if client.ack(&publish).await.is_err() {
-                        return;
-                    }
-                    metrics::counter!(m::GATEWAY_MQTT_ACKED).increment(1);
-                }
-            }
-            _ = stop.cancelled(), if !stopping => stopping = true,
-            message = received.recv(), if !stopping => match message {
-                Some(publish) => {
-                    let outcome = handle(&publish, &producer, &settings).await;
-                    waiting.push_back(async move {
-                        let stored = match outcome {
-                            Handled::Done => true,
-                            Handled::Waiting(receiver) => {
-                                matches!(receiver.await, Ok(Outcome::Stored))
-                            }
-                            Handled::Lost => false,
-                        };
-                        (publish, stored)
-                    });
-                }
-                None => stopping = true,
-            },
-        }
-    }
-}
-
-/// What became of a message when it was handed on.
-enum Handled {
-    /// Nothing more to wait for: acknowledge it (refused, or QoS 0 queued).
-    Done,
-    /// Its record is queued: acknowledge it once stored.
-    Waiting(tokio::sync::oneshot::Receiver<Outcome>),
-    /// Not queued (shutting down): leave it with the broker.
-    Lost,
-}
-
-async fn handle(publish: &Publish, producer: &Producer, settings: &MqttSettings) -> Handled {
-    let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
-        metrics::counter!(m::GATEWAY_REJECTED, "protocol" => "mqtt", "reason" => reason)
-            .increment(1);
-        tracing::warn!(topic = %publish.topic, %detail, "MQTT message dropped");
-        Handled::Done
-    };
-    let Some(mapped) = map_topic(&settings.layouts, &publish.topic) else {
-        return refuse("unmatched_topic", &"no topic layout matches");
-    };
-    if publish.payload.len() > settings.max_payload_bytes {
-        let detail = format!(
-            "the payload is {} bytes, more than the {}-byte limit",
-            publish.payload.len(),
-            settings.max_payload_bytes
-        );
-        return refuse("too_large", &detail);
-    }
-    let arrival_millis = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let payload = match mapped.name {
-        Some(name) => Payload::Value {
-            name,
-            raw: &publish.payload,
-        },
-        None => Payload::Object(&publish.payload),
-    };
-    let record = match record::build(
-        mapped.origin,
-        payload,
-        arrival_millis,
-        Conflict::OriginWins,
-        "topic",
-    ) {
-        Ok(record) => record,
-        Err(err) => return refuse("bad_payload", &err),
-    };
-    let submission = Submission {
-        key: mapped.origin.device.to_owned(),
-        data: record.into(),
-        deadline: None,
-        protocol: Protocol::Mqtt,
-    };
-    if publish.qos == QoS::AtMostOnce {
-        // Kept waiting like the others (a record whose receiver is gone is
-        // never sent), but never waited for room.
-        return match producer.try_submit(submission) {
-            Ok(receiver) => Handled::Waiting(receiver),
-            Err(err) => refuse("overloaded", &err),
-        };
-    }
-    match producer.submit(submission).await {
-        Ok(receiver) => Handled::Waiting(receiver),
-        Err(_) => Handled::Lost,
-    }
 }

@@ -293,6 +293,13 @@ impl SourceError {
         )
     }
 
+    /// Whether Kinesis refused the request itself (InvalidArgument or a
+    /// validation error): for PutRecords, a record that breaks a limit. No
+    /// retry of the same request can succeed.
+    pub fn is_invalid_argument(&self) -> bool {
+        self.kind() == Kind::InvalidArgument
+    }
+
     /// A stable snake_case label, for a metric's `cause` label and logs.
     pub fn cause(&self) -> &'static str {
         CAUSES[self.kind() as usize]

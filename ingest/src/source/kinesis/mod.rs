@@ -39,7 +39,7 @@ pub use attempt::PutEntry;
 pub use client::KinesisSource;
 pub use error::{Call, SourceError};
 pub use provision::{EnsuredStream, StreamCapacity, StreamDescription};
-pub use put::{MAX_BYTES_PER_PUT, MAX_RECORDS_PER_PUT};
+pub use put::{MAX_BYTES_PER_PUT, MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_RECORDS_PER_PUT};
 pub use reader::{ReaderOptions, ShardReader};
 pub use record::{Fetched, Record, ShardInfo, StartPosition};
 pub use retry::RetryCounts;

@@ -17,6 +17,12 @@ use super::retry::{Patience, kinesis_backoff, retrying};
 pub const MAX_RECORDS_PER_PUT: usize = 500;
 /// The most bytes (keys and data) one PutRecords call takes (a Kinesis limit).
 pub const MAX_BYTES_PER_PUT: usize = 5 * 1024 * 1024;
+/// The most bytes of one record: its data plus its partition key (UTF-8),
+/// a Kinesis limit.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// The longest partition key, in characters (a Kinesis limit; counted here
+/// in UTF-16 code units, as the emulators do, which is never fewer).
+pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 
 impl KinesisSource {
     /// Puts `records` (partition key, data) with PutRecords, in chunks of at
