@@ -1198,43 +1198,18 @@ async fn mqtt_messages_become_records_by_topic_layout() {
     source.delete_stream().await.unwrap();
 }
 
-/// Starts a gateway bridging `<prefix>/{device}/telemetry` as `client_id`,
-/// through `kinesis` (an endpoint URL).
-async fn mqtt_gateway(
-    stream: &str,
-    prefix: &str,
-    client_id: &str,
-    kinesis: &str,
-) -> GatewayProcess {
-    let mqtt_url = std::env::var("INGEST_MQTT_URL").unwrap();
-    GatewayProcess::start(
-        stream,
-        &[
-            "--mqtt-url",
-            &mqtt_url,
-            "--mqtt-topic",
-            &format!("{prefix}/#"),
-            "--mqtt-layout",
-            &format!("{prefix}/{{device}}/telemetry"),
-            "--mqtt-client-id",
-            client_id,
-        ],
-        &[("AWS_ENDPOINT_URL_KINESIS", kinesis)],
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_messages_wait_unacknowledged_while_kinesis_is_down() {
     let (stream, source) = create_stream("gw-mqtt-down", 1).await;
     let prefix = prefix("mqtt-down");
     let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
     let proxy = TcpProxy::start(&host_port(&kinesis)).await;
-    let gateway = mqtt_gateway(
+    let gateway = bridge(
         &stream,
         &prefix,
         &format!("{prefix}-gw"),
         &proxy.url_via(&kinesis),
+        &[],
     )
     .await;
     let sentinels = wait_until_subscribed(&gateway, &prefix).await;
@@ -1292,7 +1267,7 @@ async fn mqtt_messages_survive_a_gateway_crash_while_kinesis_is_down() {
     let client_id = format!("{prefix}-gw");
     let kinesis = std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap();
     let proxy = TcpProxy::start(&host_port(&kinesis)).await;
-    let mut first = mqtt_gateway(&stream, &prefix, &client_id, &proxy.url_via(&kinesis)).await;
+    let mut first = bridge(&stream, &prefix, &client_id, &proxy.url_via(&kinesis), &[]).await;
     let sentinels = wait_until_subscribed(&first, &prefix).await;
 
     proxy.cut().await;
@@ -1319,7 +1294,7 @@ async fn mqtt_messages_survive_a_gateway_crash_while_kinesis_is_down() {
 
     // The next gateway with the same client id gets the messages again from
     // the broker, and Kinesis is back.
-    let second = mqtt_gateway(&stream, &prefix, &client_id, &kinesis).await;
+    let second = bridge(&stream, &prefix, &client_id, &kinesis, &[]).await;
     let records = read_stream(&source, 5, ARRIVE_WITHIN, Duration::from_secs(3)).await;
     let mut keys: Vec<String> = records.iter().map(|r| r.partition_key.clone()).collect();
     keys.sort();
