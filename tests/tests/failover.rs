@@ -16,17 +16,16 @@ async fn count(client: &tokio_postgres::Client) -> i64 {
     client.query_one(SAMPLES, &[]).await.expect("count").get(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_consumer_follows_the_primary_across_a_failover() {
-    let name = "master.failover.service.consul";
-    let mut cluster = FailoverCluster::start("failover", name);
+/// A primary and its standby behind the Consul name `name`, with the schema
+/// applied through that name (it streams to the standby); returns the
+/// cluster, its DNS server's address and the database URL by name.
+fn migrated_cluster(test: &str, name: &str) -> (FailoverCluster, String, String) {
+    let cluster = FailoverCluster::start(test, name);
     let dns = cluster.dns.address();
     let url = format!(
         "postgres://postgres@{name}:{}/postgres",
         cluster.primary.port
     );
-
-    // The schema goes in through the Consul name too, and streams to the standby.
     let output = tests::run_ingest(
         &["migrate", "--database-url", &url, "--consul-dns", &dns],
         &[],
@@ -36,6 +35,12 @@ async fn the_consumer_follows_the_primary_across_a_failover() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    (cluster, dns, url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consumer_follows_the_primary_across_a_failover() {
+    let (mut cluster, dns, url) = migrated_cluster("failover", "master.failover.service.consul");
 
     let (stream, source) = create_stream("failover", 2).await;
     let mut worker = ConsumerProcess::start(&url, &stream, "failover-w1", &["--consul-dns", &dns]);
@@ -221,22 +226,7 @@ const MISPLACED: &str = "SELECT count(*) FROM telemetry.samples s
 
 #[tokio::test(flavor = "multi_thread")]
 async fn series_ids_learnt_before_a_lossy_failover_are_not_used_after_it() {
-    let name = "master.lossy.service.consul";
-    let mut cluster = FailoverCluster::start("failover_lossy", name);
-    let dns = cluster.dns.address();
-    let url = format!(
-        "postgres://postgres@{name}:{}/postgres",
-        cluster.primary.port
-    );
-    let output = tests::run_ingest(
-        &["migrate", "--database-url", &url, "--consul-dns", &dns],
-        &[],
-    );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (mut cluster, dns, url) = migrated_cluster("failover_lossy", "master.lossy.service.consul");
     let (stream, source) = create_stream("failover-lossy", 1).await;
     let mut worker = ConsumerProcess::start(&url, &stream, "lossy-w1", &["--consul-dns", &dns]);
     let primary = tests::connect(&cluster.primary.url("postgres")).await;
