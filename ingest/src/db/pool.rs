@@ -109,7 +109,21 @@ impl managed::Manager for Connector {
 impl Database {
     /// A pool of at most `max_connections` connections to `config`.
     pub fn new(config: DatabaseConfig, max_connections: usize) -> Database {
-        let generation = Arc::new(AtomicU64::new(0));
+        Database::with_generation(config, max_connections, Arc::new(AtomicU64::new(0)))
+    }
+
+    /// Another pool to the same server, for connections with other session
+    /// settings (`config`), sharing this pool's generation: a `forget_all`
+    /// of either forgets the connections of both.
+    pub fn sibling(&self, config: DatabaseConfig, max_connections: usize) -> Database {
+        Database::with_generation(config, max_connections, self.generation.clone())
+    }
+
+    fn with_generation(
+        config: DatabaseConfig,
+        max_connections: usize,
+        generation: Arc<AtomicU64>,
+    ) -> Database {
         let display = config.display.clone();
         let pool = Pool::builder(Connector {
             config,
@@ -122,26 +136,6 @@ impl Database {
         Database {
             pool,
             generation,
-            display,
-        }
-    }
-
-    /// Another pool to the same server, for connections with other session
-    /// settings (`config`), sharing this pool's generation: a `forget_all`
-    /// of either forgets the connections of both.
-    pub fn sibling(&self, config: DatabaseConfig, max_connections: usize) -> Database {
-        let display = config.display.clone();
-        let pool = Pool::builder(Connector {
-            config,
-            generation: self.generation.clone(),
-        })
-        .max_size(max_connections)
-        .runtime(deadpool::Runtime::Tokio1)
-        .build()
-        .expect("a pool with a runtime and no timeouts builds");
-        Database {
-            pool,
-            generation: self.generation.clone(),
             display,
         }
     }
