@@ -23,8 +23,8 @@ use tokio_postgres::Client;
 
 use super::SinkError;
 use super::commit::{
-    COPY_DEAD_LETTERS, COPY_EVENTS, COPY_SAMPLES, Outcome, already_committed, check_series,
-    copy_in, move_checkpoints,
+    COPY_DEAD_LETTERS, COPY_EVENTS, COPY_SAMPLES, Outcome, check_series, copy_in, move_checkpoints,
+    unmoved,
 };
 use crate::batch::{DeadLetterKey, SealedSegment, encode_dead_letter};
 
@@ -64,18 +64,8 @@ pub async fn write_batch_bisecting(
         .map_err(SinkError::during("making constraints immediate"))?;
     let lost = move_checkpoints(&transaction, stream, owner, segments).await?;
     if !lost.is_empty() {
-        if already_committed(&transaction, stream, owner, segments, &lost).await? {
-            transaction
-                .rollback()
-                .await
-                .map_err(SinkError::during("rolling back a batch committed before"))?;
-            return Ok((Outcome::AlreadyCommitted, Vec::new()));
-        }
-        transaction
-            .rollback()
-            .await
-            .map_err(SinkError::during("rolling back a batch with lost leases"))?;
-        return Ok((Outcome::LeasesLost(lost), Vec::new()));
+        let outcome = unmoved(transaction, stream, owner, segments, lost).await?;
+        return Ok((outcome, Vec::new()));
     }
     check_series(&transaction, segments).await?;
 

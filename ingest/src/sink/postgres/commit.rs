@@ -50,18 +50,7 @@ pub async fn write_batch(
 
     let lost = move_checkpoints(&transaction, stream, owner, segments).await?;
     if !lost.is_empty() {
-        if already_committed(&transaction, stream, owner, segments, &lost).await? {
-            transaction
-                .rollback()
-                .await
-                .map_err(SinkError::during("rolling back a batch committed before"))?;
-            return Ok(Outcome::AlreadyCommitted);
-        }
-        transaction
-            .rollback()
-            .await
-            .map_err(SinkError::during("rolling back a batch with lost leases"))?;
-        return Ok(Outcome::LeasesLost(lost));
+        return unmoved(transaction, stream, owner, segments, lost).await;
     }
     check_series(&transaction, segments).await?;
 
@@ -185,6 +174,27 @@ pub(super) async fn check_series(
     Ok(())
 }
 
+/// Rolls back a batch whose checkpoints did not all move and says why: an
+/// earlier attempt of it committed, or the shards in `lost` are no longer
+/// this worker's.
+pub(super) async fn unmoved(
+    transaction: tokio_postgres::Transaction<'_>,
+    stream: &str,
+    owner: &str,
+    segments: &[SealedSegment],
+    lost: Vec<String>,
+) -> Result<Outcome, SinkError> {
+    let outcome = if already_committed(&transaction, stream, owner, segments, &lost).await? {
+        Outcome::AlreadyCommitted
+    } else {
+        Outcome::LeasesLost(lost)
+    };
+    transaction.rollback().await.map_err(SinkError::during(
+        "rolling back a batch that moved no checkpoint",
+    ))?;
+    Ok(outcome)
+}
+
 /// Whether an earlier attempt of this batch committed, judged by the
 /// segments whose checkpoint update found nothing to move. Only this writer
 /// commits under these counters, one batch after the other, and a reader
@@ -192,7 +202,7 @@ pub(super) async fn check_series(
 /// segment's last sequence under the same lease (still ours, or freed by the
 /// commit that ended the shard) means this batch committed before. It
 /// committed all or nothing, so one such shard says so for the whole batch.
-pub(super) async fn already_committed(
+async fn already_committed(
     transaction: &tokio_postgres::Transaction<'_>,
     stream: &str,
     owner: &str,
