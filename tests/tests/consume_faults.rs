@@ -909,3 +909,125 @@ async fn a_shard_list_that_never_answers_costs_no_lease() {
     assert!(worker.is_running(), "w1 exited");
     clean_up([worker], &source, db).await;
 }
+
+/// A worker's log, read for a line holding `text` within `within`.
+async fn wait_for_log(log: &std::path::Path, text: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let written = std::fs::read_to_string(log).unwrap_or_default();
+        if written.contains(text) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the worker's log within {within:?}:\n{written}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a worker with nothing in flight may take to exit on SIGTERM,
+/// as the README documents: up to 5 s to release its leases, and slack for
+/// a loaded machine.
+const IDLE_EXIT_WITHIN: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_the_database_is_away_stops_a_worker_with_nothing_in_flight() {
+    let db = TestDb::migrated("faults_sigterm_idle").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("sigterm-idle", 1).await;
+    let proxy = TcpProxy::start(&host_port(&db.url)).await;
+    let scratch = std::env::temp_dir().join(format!("sigterm-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    // Started while the database cannot be reached: it waits for it.
+    proxy.cut().await;
+    let log = scratch.join("w1.log");
+    let mut waiting =
+        ConsumerProcess::start_logged(&proxy.url_via(&db.url), &stream, "w1", &[], &log);
+    wait_for_log(&log, "database unreachable; retrying", SETTLE_WITHIN).await;
+    let status = waiting.terminate(IDLE_EXIT_WITHIN);
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+
+    // Running, everything committed, then the database goes away.
+    proxy.restore().await;
+    let log = scratch.join("w2.log");
+    let mut running =
+        ConsumerProcess::start_logged(&proxy.url_via(&db.url), &stream, "w2", &[], &log);
+    let put = records(10, 100, base_ts());
+    source.put_records(&put).await.unwrap();
+    assert_exactly(&client, &put, "before the database went away").await;
+    proxy.cut().await;
+    wait_for_log(&log, "lease round failed", SETTLE_WITHIN).await;
+    let status = running.terminate(IDLE_EXIT_WITHIN);
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {written}");
+    assert!(
+        written.contains("could not release the leases"),
+        "the worker said nothing of its leases: {written}"
+    );
+    std::fs::remove_dir_all(&scratch).ok();
+    clean_up([waiting, running], &source, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_a_batch_in_flight_and_the_database_away_gives_up_after_the_grace() {
+    let db = TestDb::migrated("faults_sigterm_in_flight").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("sigterm-in-flight", 2).await;
+    let proxy = TcpProxy::start(&host_port(&db.url)).await;
+    let scratch = std::env::temp_dir().join(format!("sigterm-in-flight-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let log = scratch.join("w1.log");
+    let grace = Duration::from_secs(3);
+    let mut w1 = ConsumerProcess::start_logged(
+        &proxy.url_via(&db.url),
+        &stream,
+        "w1",
+        &["--shutdown-grace", "3s"],
+        &log,
+    );
+    let first = records(10, 200, base_ts());
+    source.put_records(&first).await.unwrap();
+    assert_exactly(&client, &first, "before the database went away").await;
+
+    // The database goes away, then more records come: w1 reads them and
+    // holds a batch it cannot commit.
+    proxy.cut().await;
+    let second = records(10, 300, base_ts() + 1_000);
+    source.put_records(&second).await.unwrap();
+    wait_for_log(&log, "database unreachable; retrying", SETTLE_WITHIN).await;
+    let stopping = Instant::now();
+    let status = w1.terminate(grace + IDLE_EXIT_WITHIN);
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !status.success(),
+        "w1 gave its batch up but said it stopped well: {written}"
+    );
+    assert!(
+        stopping.elapsed() >= grace,
+        "w1 exited {:?} after SIGTERM, before its grace of {grace:?} was over: {written}",
+        stopping.elapsed()
+    );
+    let errors: Vec<&str> = written
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("shutdown grace period"),
+        "one error line naming the grace period: {written}"
+    );
+
+    // The next owner reads the batch again from the checkpoint.
+    proxy.restore().await;
+    let w2 = ConsumerProcess::start(&db.url, &stream, "w2", &[]);
+    let mut all = first;
+    all.extend(second);
+    assert_exactly(&client, &all, "after w2 took over").await;
+    std::fs::remove_dir_all(&scratch).ok();
+    clean_up([w1, w2], &source, db).await;
+}

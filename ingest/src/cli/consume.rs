@@ -164,6 +164,7 @@ impl ConsumeArgs {
         }
         Ok(ConsumerConfig {
             stream: self.stream,
+            kinesis_endpoint: None,
             worker_id,
             database,
             start,

@@ -13,6 +13,9 @@ use crate::source::kinesis::{ReaderOptions, StartPosition};
 pub struct ConsumerConfig {
     /// The Kinesis stream: a name, or an ARN on real AWS.
     pub stream: String,
+    /// Where Kinesis calls go; None: where the AWS environment says
+    /// (`AWS_ENDPOINT_URL_KINESIS`, else AWS itself).
+    pub kinesis_endpoint: Option<String>,
     /// This worker's id in the lease table (default: host name and pid).
     pub worker_id: String,
     pub database: DatabaseConfig,

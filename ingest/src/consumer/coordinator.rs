@@ -53,7 +53,17 @@ pub enum ConsumerError {
     Recreated(String),
     #[error("{0}")]
     Schema(#[from] schema::SchemaError),
+    #[error(
+        "a batch was not committed within the shutdown grace period ({}); its records \
+         are read again by the shards' next owner",
+        humantime::format_duration(*.0)
+    )]
+    ShutdownGraceOver(Duration),
 }
+
+/// Longest a shutdown waits to release its leases (the database may be
+/// gone); unreleased leases expire by themselves after `--lease-ttl`.
+const RELEASE_WITHIN: Duration = Duration::from_secs(5);
 
 /// A shard this worker reads.
 struct Running {
@@ -112,7 +122,68 @@ pub async fn run(
     shutdown: CancellationToken,
     readiness: Arc<Readiness>,
 ) -> Result<(), ConsumerError> {
-    let source = KinesisSource::from_env(&config.stream).await?;
+    // Until it has started, a worker holds nothing: a shutdown stops it at
+    // once, even while it waits for a database or a stream not there yet.
+    let (mut coordinator, mut writers, mut events) = tokio::select! {
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped before it started: nothing was read");
+            return Ok(());
+        }
+        started = start(config, readiness) => started?,
+    };
+    let mut ticks = tokio::time::interval(coordinator.config.lease_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let outcome = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            _ = ticks.tick() => {
+                // A round waits on the database at most a connect timeout;
+                // a shutdown does not wait for it. Its statements are
+                // transactions: one cut short is rolled back.
+                tokio::select! {
+                    () = coordinator.round() => {}
+                    () = shutdown.cancelled() => break Ok(()),
+                }
+                if coordinator.recreated {
+                    break Err(ConsumerError::Recreated(coordinator.config.stream.clone()));
+                }
+            }
+            Some(event) = events.recv() => coordinator.on_writer_event(event),
+            Some(stopped) = coordinator.tasks.join_next() => {
+                if let Ok(stopped) = stopped {
+                    coordinator.on_shard_stopped(stopped);
+                }
+            }
+            Some(finished) = writers.join_next() => {
+                // A writer only stops early on an error nobody can retry.
+                break match finished {
+                    Ok(Err(error)) => Err(ConsumerError::from(error)),
+                    _ => Ok(()),
+                };
+            }
+        }
+    };
+    let stopped = coordinator.shut_down(writers).await;
+    outcome.and(stopped)
+}
+
+/// The writers and their events, started with the coordinator.
+type Started = (
+    Coordinator,
+    JoinSet<Result<(), WriterError>>,
+    mpsc::UnboundedReceiver<WriterEvent>,
+);
+
+/// Connects to the stream and the database (waiting while they cannot be
+/// reached), registers the stream and starts the writers.
+async fn start(
+    config: ConsumerConfig,
+    readiness: Arc<Readiness>,
+) -> Result<Started, ConsumerError> {
+    let source = match &config.kinesis_endpoint {
+        Some(url) => KinesisSource::from_env_with_endpoint(&config.stream, url).await?,
+        None => KinesisSource::from_env(&config.stream).await?,
+    };
     let identity = stream_identity(&source).await?;
     let archive = match &config.archive_delivery_stream {
         Some(name) => Some(Archive::from_env(name).await?),
@@ -176,7 +247,7 @@ pub async fn run(
         },
     };
 
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let mut writers = JoinSet::new();
     let mut writer_inputs = Vec::new();
     for index in 0..config.writers {
@@ -203,7 +274,7 @@ pub async fn run(
     drop(events_tx);
 
     let now = Instant::now();
-    let mut coordinator = Coordinator {
+    let coordinator = Coordinator {
         config,
         source,
         identity,
@@ -224,35 +295,7 @@ pub async fn run(
         window,
     };
     tracing::info!(stream = %coordinator.config.stream, lease_key = %coordinator.store.stream, worker = %coordinator.config.worker_id, "consumer started");
-
-    let mut ticks = tokio::time::interval(coordinator.config.lease_interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let outcome = loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            _ = ticks.tick() => {
-                coordinator.round().await;
-                if coordinator.recreated {
-                    break Err(ConsumerError::Recreated(coordinator.config.stream.clone()));
-                }
-            }
-            Some(event) = events.recv() => coordinator.on_writer_event(event),
-            Some(stopped) = coordinator.tasks.join_next() => {
-                if let Ok(stopped) = stopped {
-                    coordinator.on_shard_stopped(stopped);
-                }
-            }
-            Some(finished) = writers.join_next() => {
-                // A writer only stops early on an error nobody can retry.
-                break match finished {
-                    Ok(Err(error)) => Err(ConsumerError::from(error)),
-                    _ => Ok(()),
-                };
-            }
-        }
-    };
-    coordinator.shut_down(writers).await;
-    outcome
+    Ok((coordinator, writers, events))
 }
 
 /// The stream's ARN and creation time, from DescribeStreamSummary.
@@ -484,8 +527,14 @@ impl Coordinator {
         }
     }
 
-    /// Stop polling, let the writers commit what they hold, release the leases.
-    async fn shut_down(mut self, mut writers: JoinSet<Result<(), WriterError>>) {
+    /// Stop polling, let the writers commit what they hold, release the
+    /// leases. A batch not committed within the grace period is given up
+    /// (its records are read again by the shards' next owner) and the
+    /// worker stops with an error.
+    async fn shut_down(
+        mut self,
+        mut writers: JoinSet<Result<(), WriterError>>,
+    ) -> Result<(), ConsumerError> {
         tracing::info!("shutting down: committing what is in flight");
         for running in self.running.values() {
             running.stop.cancel();
@@ -499,6 +548,7 @@ impl Coordinator {
         {}
         // The writers end once every sender of their channels is gone.
         self.writer_inputs.clear();
+        let mut outcome = Ok(());
         loop {
             match tokio::time::timeout_at(grace, writers.join_next()).await {
                 Ok(Some(Ok(Err(error)))) => {
@@ -511,24 +561,28 @@ impl Coordinator {
                         "shutdown grace period over; uncommitted records will be read again by the next owner"
                     );
                     writers.abort_all();
+                    outcome = Err(ConsumerError::ShutdownGraceOver(self.config.shutdown_grace));
                     break;
                 }
             }
         }
-        let released = match self.database.get().await {
-            Ok(client) => self
-                .store
+        let release = async {
+            let client = self.database.get().await.map_err(|e| e.to_string())?;
+            self.store
                 .release_all(&client)
                 .await
-                .map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
+                .map_err(|e| e.to_string())
         };
+        let released = tokio::time::timeout(RELEASE_WITHIN, release)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {RELEASE_WITHIN:?}")));
         match released {
             Ok(released) => tracing::info!(released, "leases released"),
             Err(error) => {
                 tracing::warn!(%error, "could not release the leases; they expire by themselves")
             }
         }
+        outcome
     }
 }
 
