@@ -331,8 +331,12 @@ async fn verify(stream: &str, stored: &[u64], within: Duration) {
             while let Ok(Fetched::Records { records, .. }) = reader.next().await {
                 let numbers: Vec<u64> = records
                     .iter()
-                    .filter_map(|record| {
-                        let text = std::str::from_utf8(&record.data).ok()?;
+                    .flat_map(|record| match ingest::kpl::deaggregate(&record.data) {
+                        Ok(users) => users.into_iter().map(|user| user.data).collect(),
+                        Err(_) => vec![record.data.clone()],
+                    })
+                    .filter_map(|data| {
+                        let text = std::str::from_utf8(&data).ok()?;
                         let start = text.find("\"n\":")? + 4;
                         let end = start + text[start..].find(',')?;
                         text[start..end].parse().ok()

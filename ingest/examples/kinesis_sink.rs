@@ -1,6 +1,7 @@
 //! A Kinesis stand-in that costs (almost) nothing: it answers PutRecords
-//! (every record accepted) and DescribeStreamSummary, keeps no records, and
-//! remembers the number `"n":` of each record put, so that a load run can
+//! (every record accepted), DescribeStreamSummary and ListShards (one
+//! shard), keeps no records, and remembers the number `"n":` of each record
+//! put (of each user record of a KPL aggregate), so that a load run can
 //! check that nothing was lost on the way to the Kinesis API.
 //!
 //! For measuring the gateway's own ceiling on a machine where the emulator
@@ -77,17 +78,12 @@ fn answer(numbers: &Numbers, headers: &HeaderMap, body: &[u8]) -> (StatusCode, S
             let records = request["Records"].as_array().cloned().unwrap_or_default();
             let mut found = Vec::with_capacity(records.len());
             for record in &records {
-                let data = decode_base64(record["Data"].as_str().unwrap_or_default());
-                let text = String::from_utf8_lossy(&data);
-                if let Some(start) = text.find("\"n\":").map(|i| i + 4) {
-                    let digits: String = text[start..]
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect();
-                    if let Ok(n) = digits.parse::<u64>() {
-                        found.push(n);
-                    }
-                }
+                let data = Bytes::from(decode_base64(record["Data"].as_str().unwrap_or_default()));
+                let user_records = match ingest::kpl::deaggregate(&data) {
+                    Ok(users) => users.into_iter().map(|user| user.data).collect(),
+                    Err(_) => vec![data],
+                };
+                found.extend(user_records.iter().filter_map(|data| number(data)));
             }
             {
                 let mut numbers = numbers.lock().unwrap();
@@ -103,6 +99,18 @@ fn answer(numbers: &Numbers, headers: &HeaderMap, body: &[u8]) -> (StatusCode, S
                 json!({"FailedRecordCount": 0, "Records": results}).to_string(),
             )
         }
+        Some("ListShards") => (
+            StatusCode::OK,
+            json!({"Shards": [{
+                "ShardId": "shardId-000000000000",
+                "HashKeyRange": {
+                    "StartingHashKey": "0",
+                    "EndingHashKey": u128::MAX.to_string()
+                },
+                "SequenceNumberRange": {"StartingSequenceNumber": "1"}
+            }]})
+            .to_string(),
+        ),
         Some("DescribeStreamSummary") => (
             StatusCode::OK,
             json!({"StreamDescriptionSummary": {
@@ -121,6 +129,17 @@ fn answer(numbers: &Numbers, headers: &HeaderMap, body: &[u8]) -> (StatusCode, S
             json!({"__type": "UnknownOperationException", "message": target}).to_string(),
         ),
     }
+}
+
+/// The number `"n":` in a record's JSON.
+fn number(data: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(data).ok()?;
+    let start = text.find("\"n\":")? + 4;
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 fn decode_base64(text: &str) -> Vec<u8> {

@@ -92,8 +92,11 @@ pub const GATEWAY_EXPIRED: &str = "ingest_gateway_records_expired_total";
 pub const GATEWAY_PUT_CALLS: &str = "ingest_gateway_put_calls_total";
 /// Time of one PutRecords call (histogram).
 pub const GATEWAY_PUT_SECONDS: &str = "ingest_gateway_put_seconds";
-/// Records per PutRecords call (histogram).
+/// Records per PutRecords call, counted before aggregation (histogram).
 pub const GATEWAY_PUT_BATCH_RECORDS: &str = "ingest_gateway_put_batch_records";
+/// Kinesis records the gateway put and Kinesis accepted. Labels: kind
+/// (aggregate: a KPL aggregate of the records of one shard; plain).
+pub const GATEWAY_KINESIS_RECORDS: &str = "ingest_gateway_kinesis_records_total";
 /// Records waiting for a PutRecords call.
 pub const GATEWAY_QUEUE_RECORDS: &str = "ingest_gateway_queue_records";
 /// Bytes (keys and data) of the records queued or in PutRecords calls,

@@ -364,8 +364,10 @@ pub async fn mosquitto_pub_with(args: &[&str], stdin: &[u8]) -> std::process::Ou
         .expect("mosquitto_pub runs")
 }
 
-/// Every record in the stream: waits until at least `expected` arrived
-/// (failing after `within`), then reads on for `settle` to see any extra.
+/// Every record in the stream, a KPL aggregate's user records each on its
+/// own (under the aggregate's sequence number): waits until at least
+/// `expected` arrived (failing after `within`), then reads on for `settle`
+/// to see any extra.
 pub async fn read_stream(
     source: &KinesisSource,
     expected: usize,
@@ -386,7 +388,7 @@ pub async fn read_stream(
         let tx = tx.clone();
         readers.spawn(async move {
             while let Ok(Fetched::Records { records, .. }) = reader.next().await {
-                if tx.send(records).is_err() {
+                if tx.send(user_records(records)).is_err() {
                     return;
                 }
             }
@@ -415,6 +417,27 @@ pub async fn read_stream(
             );
         }
     }
+}
+
+/// The records, each aggregate's user records in its place.
+pub fn user_records(records: Vec<Record>) -> Vec<Record> {
+    records
+        .into_iter()
+        .flat_map(|record| {
+            if !ingest::kpl::is_aggregated(&record.data) {
+                return vec![record];
+            }
+            let users = ingest::kpl::deaggregate(&record.data).expect("a well-formed aggregate");
+            users
+                .into_iter()
+                .map(|user| Record {
+                    partition_key: user.partition_key,
+                    data: user.data,
+                    ..record.clone()
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// A record's data as text.

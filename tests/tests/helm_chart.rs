@@ -508,6 +508,8 @@ fn the_gateway_and_provision_policies_are_least_privilege() {
             "gateway",
             &[
                 "kinesis:DescribeStreamSummary on stream/${STREAM_NAME}",
+                // The shard map of --aggregate.
+                "kinesis:ListShards on stream/${STREAM_NAME}",
                 "kinesis:PutRecords on stream/${STREAM_NAME}",
             ],
         ),

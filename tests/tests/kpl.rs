@@ -5,9 +5,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ingest::source::kinesis::{Fetched, ReaderOptions, StartPosition};
+use md5::Digest;
 use tests::consumer::{
     ConsumerProcess, create_stream, expected_per_device, per_device, records, wait_for_count,
 };
+use tests::gateway::{CoapPeer, GatewayProcess, code, post};
 use tests::{TestDb, base_ts, kpl};
 
 /// Generous bound for a test's records to land; a bound, not a speed target.
@@ -189,4 +192,134 @@ fn aws_kinesis_agg_reads_our_aggregates() {
         read.extend(users.into_iter().map(|(key, _, data)| (key, data)));
     }
     assert_eq!(read, user);
+}
+
+/// Sends `packet` and waits for its final answer, a piggybacked one or a
+/// separate response (acknowledged); returns its code.
+async fn post_until_answered(peer: &CoapPeer, packet: &coap_lite::Packet) -> String {
+    let answer = peer
+        .exchange(packet, Duration::from_secs(5))
+        .await
+        .expect("the gateway answers within 5 s");
+    if answer.header.code != coap_lite::MessageClass::Empty {
+        return code(&answer);
+    }
+    let separate = peer
+        .recv(Duration::from_secs(30))
+        .await
+        .expect("the separate response within 30 s");
+    peer.acknowledge(&separate).await;
+    code(&separate)
+}
+
+/// The gateway packs what it puts into KPL aggregates, one per shard and
+/// call: AWS's own deaggregator reads every user record back, each from
+/// the shard its partition key maps to, each device's in the order sent;
+/// and `ingest consume` loads every one exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateways_aggregates_are_read_by_aws_kinesis_agg_and_land_once_each() {
+    const DEVICES: usize = 40;
+    const PER_DEVICE: usize = 25;
+    let db = TestDb::migrated("kpl_gateway").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("kpl-gateway", 4).await;
+    let gateway = GatewayProcess::start(&stream, &["--aggregate", "true"], &[]).await;
+
+    // Every device sends its readings one after the other, all at once.
+    let mut devices = tokio::task::JoinSet::new();
+    for device in 0..DEVICES {
+        let coap = gateway.coap;
+        devices.spawn(async move {
+            let peer = CoapPeer::new(coap).await;
+            let mut sent = Vec::new();
+            for i in 0..PER_DEVICE {
+                let key = format!("dev-{device}");
+                let payload = format!(r#"{{"ts":{},"v":{}}}"#, base_ts() + i as i64, i + 1);
+                let request = post(&format!("/t/h1/{key}"), payload.as_bytes(), i as u16 + 1);
+                assert_eq!(post_until_answered(&peer, &request).await, "2.04");
+                sent.push((key, Bytes::from(payload)));
+            }
+            sent
+        });
+    }
+    let mut sent = Vec::new();
+    while let Some(device) = devices.join_next().await {
+        sent.extend(device.expect("a device's task"));
+    }
+
+    // Read what Kinesis holds, record by record, aggregates whole.
+    let shards = source.list_shards().await.expect("the shards");
+    let mut user_records = Vec::new();
+    let mut kinesis_records = 0;
+    for shard in &shards {
+        let mut reader = source
+            .shard_reader(
+                &shard.shard_id,
+                StartPosition::TrimHorizon,
+                ReaderOptions::default(),
+            )
+            .await;
+        while let Ok(fetched) = tokio::time::timeout(Duration::from_secs(3), reader.next()).await {
+            let Fetched::Records { records, .. } = fetched.expect("the test's reader reads") else {
+                break;
+            };
+            for record in records {
+                kinesis_records += 1;
+                let users = if ingest::kpl::is_aggregated(&record.data) {
+                    kpl::deaggregate(&record.data)
+                        .into_iter()
+                        .map(|(key, _, data)| (key, data))
+                        .collect()
+                } else {
+                    vec![(record.partition_key.clone(), record.data.clone())]
+                };
+                for (key, data) in users {
+                    let hash = u128::from_be_bytes(md5::Md5::digest(key.as_bytes()).into());
+                    assert!(
+                        (shard.starting_hash_key..=shard.ending_hash_key).contains(&hash),
+                        "{key} in {}, not the shard its key maps to",
+                        shard.shard_id
+                    );
+                    user_records.push((key, data));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        user_records.len(),
+        DEVICES * PER_DEVICE,
+        "user records in the stream"
+    );
+    assert!(
+        kinesis_records < user_records.len(),
+        "{kinesis_records} Kinesis records for {} user records: nothing was aggregated",
+        user_records.len()
+    );
+    // Each device's readings once each, in the order sent (values 1, 2, ...).
+    for device in 0..DEVICES {
+        let key = format!("dev-{device}");
+        let values: Vec<i64> = user_records
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, data)| {
+                let record: serde_json::Value = serde_json::from_slice(data).unwrap();
+                record["v"].as_i64().expect("the reading")
+            })
+            .collect();
+        assert_eq!(values, (1..=PER_DEVICE as i64).collect::<Vec<_>>(), "{key}");
+    }
+
+    let worker = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
+    let landed = wait_for_count(&client, SAMPLES, sent.len() as i64, LAND_WITHIN).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        (landed, count(&client, SAMPLES).await),
+        (sent.len() as i64, sent.len() as i64)
+    );
+    assert_eq!(per_device(&client).await, expected_per_device(&sent));
+    assert_eq!(count(&client, DEAD_LETTERS).await, 0);
+    drop(worker);
+    drop(gateway);
+    source.delete_stream().await.unwrap();
+    db.drop().await;
 }

@@ -25,6 +25,8 @@ pub struct GatewayConfig {
     pub queue_bytes: usize,
     /// PutRecords calls in flight at once.
     pub put_concurrency: usize,
+    /// Pack records into KPL aggregates, one group per shard.
+    pub aggregate: bool,
     /// CoAP exchanges remembered for deduplication (memory bound).
     pub exchange_capacity: usize,
     /// Separate CoAP responses retransmitted until acknowledged at once;

@@ -13,6 +13,7 @@
 //! - [`auth`]: HMAC-SHA256 signatures per (house, device), fresh and used once.
 //! - [`admission`]: Kinesis's limits for one record, checked before it is queued.
 //! - [`producer`]: batching into PutRecords, retries, each record's outcome.
+//! - [`aggregate`]: a call's records packed into KPL aggregates, one group per shard.
 //! - [`health`]: whether Kinesis is reachable.
 //! - [`coap`], [`mqtt`]: the two doors.
 //!
@@ -21,6 +22,7 @@
 //! `auth` reads its key files only (at start, and when they change).
 
 pub mod admission;
+pub mod aggregate;
 pub mod auth;
 pub mod cbor;
 pub mod coap;
@@ -115,6 +117,7 @@ pub async fn run(
             concurrency: config.put_concurrency,
             queue_records: config.queue_records,
             queue_bytes: config.queue_bytes,
+            aggregate: config.aggregate,
         },
         health.clone(),
     );

@@ -25,6 +25,11 @@
 //! call as a whole (InvalidArgument), its records are sent again in halves,
 //! down to the one it refuses alone, which is answered
 //! [`Outcome::Unputtable`]: never retried, never in the way of the others.
+//!
+//! With `aggregate`, each call's records are packed into KPL aggregates,
+//! one group per shard ([`aggregate`]), on a shard map read with
+//! ListShards; a record is answered only once the aggregate holding it was
+//! accepted, and an aggregate refused is retried, its records packed again.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,10 +38,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::admission::{self, RateLimitedLog, Unputtable};
+use super::aggregate::{CallPacker, ShardMap};
 use super::health::KinesisHealth;
 use crate::backoff::Backoff;
 use crate::metrics as m;
@@ -116,7 +122,12 @@ pub struct ProducerConfig {
     /// Bytes of keys and data waiting (or in calls) before submitters are
     /// told "full"; at least [`MIN_QUEUE_BYTES`].
     pub queue_bytes: usize,
+    /// Pack each call's records into KPL aggregates, one group per shard.
+    pub aggregate: bool,
 }
+
+/// How often the shard map is read again when no put found it stale.
+const SHARD_MAP_EVERY: Duration = Duration::from_secs(60);
 
 /// The least `queue_bytes`: room for the largest record Kinesis takes, so
 /// that every record that passes [`admission::check`] can be queued.
@@ -161,7 +172,13 @@ impl Producer {
         let queue_bytes = config.queue_bytes.max(MIN_QUEUE_BYTES);
         let budget = Arc::new(Semaphore::new(queue_bytes));
         let (tx, rx) = mpsc::channel(config.queue_records.max(1));
-        let task = tokio::spawn(run(source, rx, config, budget.clone(), health));
+        let shard_map = config.aggregate.then(|| {
+            let (map, updates) = watch::channel(None);
+            let stale = Arc::new(Notify::new());
+            tokio::spawn(keep_shard_map(source.clone(), map, stale.clone()));
+            SharedShardMap { updates, stale }
+        });
+        let task = tokio::spawn(run(source, rx, config, budget.clone(), health, shard_map));
         (Producer { tx, budget }, task)
     }
 
@@ -229,12 +246,59 @@ fn pending(
     (pending, receiver)
 }
 
+/// One Kinesis record of a call: a record put plain, or an aggregate of
+/// several.
+#[derive(Debug)]
+struct Entry {
+    /// (partition key, data), as PutRecords takes them.
+    record: (String, Bytes),
+    /// The records in it, in order.
+    parts: Vec<Pending>,
+    /// The shard an aggregate was packed for; None when put plain.
+    shard: Option<String>,
+}
+
 /// The result of one call, with the records it carried.
-type CallResult = (
-    Vec<(String, Bytes)>,
-    Vec<Meta>,
-    Result<Vec<PutEntry>, SourceError>,
-);
+type CallResult = (Vec<Entry>, Result<Vec<PutEntry>, SourceError>);
+
+/// The shard map as the task keeping it last read it, and how to tell that
+/// task it is stale.
+#[derive(Debug)]
+struct SharedShardMap {
+    updates: watch::Receiver<Option<Arc<ShardMap>>>,
+    stale: Arc<Notify>,
+}
+
+/// Keeps `map` to the stream's open shards: read at start, every
+/// [`SHARD_MAP_EVERY`], and again (at most once a second) when a put found
+/// it stale. Ends with the producer.
+async fn keep_shard_map(
+    source: KinesisSource,
+    map: watch::Sender<Option<Arc<ShardMap>>>,
+    stale: Arc<Notify>,
+) {
+    loop {
+        let next_read = match source.list_shards().await {
+            Ok(shards) => {
+                map.send_replace(ShardMap::new(&shards).map(Arc::new));
+                SHARD_MAP_EVERY
+            }
+            Err(error) => {
+                // The map held (if any) is most likely still right.
+                tracing::warn!(%error, "cannot read the shard map; trying again");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            () = map.closed() => return,
+            () = stale.notified() => {
+                tracing::info!("a put landed on another shard than the shard map said: reading it again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            () = tokio::time::sleep(next_read) => {}
+        }
+    }
+}
 
 async fn run(
     source: KinesisSource,
@@ -242,11 +306,18 @@ async fn run(
     config: ProducerConfig,
     budget: Arc<Semaphore>,
     health: Arc<KinesisHealth>,
+    shard_map: Option<SharedShardMap>,
 ) {
     let concurrency = config.concurrency.max(1);
     let queue_bytes = config.queue_bytes.max(MIN_QUEUE_BYTES);
-    // Records taken off the channel: enough to fill every call once more.
-    let cap = MAX_RECORDS_PER_PUT * concurrency;
+    // Records taken off the channel: enough to fill every call once more
+    // (aggregated, a call takes up to 5 MiB of small records).
+    let per_call = if config.aggregate {
+        MAX_BYTES_PER_PUT / 128
+    } else {
+        MAX_RECORDS_PER_PUT
+    };
+    let cap = per_call * concurrency;
     let mut pending: VecDeque<Pending> = VecDeque::new();
     // Parts of a call Kinesis refused as a whole, sent before anything else
     // (halved until the record it refuses is alone).
@@ -269,20 +340,30 @@ async fn run(
         let paused = pause_until.is_some_and(|until| until > now);
         while !paused && calls.len() < concurrency && !(pending.is_empty() && isolating.is_empty())
         {
-            let (records, metas) = match isolating.pop_front() {
-                Some(part) => take_batch(&mut VecDeque::from(part), now, &last_error),
-                None => take_batch(&mut pending, now, &last_error),
+            // A part being isolated goes plain: the record Kinesis refuses
+            // must end up alone in its call.
+            let entries = match isolating.pop_front() {
+                Some(part) => take_call(&mut VecDeque::from(part), now, &last_error, None),
+                None => {
+                    let map = shard_map
+                        .as_ref()
+                        .and_then(|map| map.updates.borrow().clone());
+                    take_call(&mut pending, now, &last_error, map.as_deref())
+                }
             };
-            if records.is_empty() {
+            if entries.is_empty() {
                 continue;
             }
             let source = source.clone();
             calls.push(async move {
+                let records: Vec<(String, Bytes)> =
+                    entries.iter().map(|entry| entry.record.clone()).collect();
                 let started = std::time::Instant::now();
                 let result = source.put_records_once(&records).await;
                 metrics::histogram!(m::GATEWAY_PUT_SECONDS).record(started.elapsed().as_secs_f64());
-                metrics::histogram!(m::GATEWAY_PUT_BATCH_RECORDS).record(records.len() as f64);
-                (records, metas, result)
+                let user_records: usize = entries.iter().map(|entry| entry.parts.len()).sum();
+                metrics::histogram!(m::GATEWAY_PUT_BATCH_RECORDS).record(user_records as f64);
+                (entries, result)
             });
         }
         metrics::gauge!(m::GATEWAY_QUEUE_RECORDS).set((pending.len() + rx.len()) as f64);
@@ -294,6 +375,11 @@ async fn run(
         tokio::select! {
             Some(done) = calls.next(), if !calls.is_empty() => {
                 let settled = settle(done, &health, &mut last_error, &mut dropped_log);
+                if settled.map_stale
+                    && let Some(map) = &shard_map
+                {
+                    map.stale.notify_one();
+                }
                 // A refused call's halves go first; no pause for them, as
                 // the refusal was about a record, not about Kinesis's state.
                 for part in settled.halves.into_iter().rev() {
@@ -325,14 +411,16 @@ async fn sleep_until(until: Option<Instant>) {
 }
 
 /// Takes the oldest records that fit one call, answering those whose
-/// deadline passed (or whose submitter left) instead of sending them.
-fn take_batch(
+/// deadline passed (or whose submitter left) instead of sending them; with
+/// a shard map, packed into aggregates, else each put plain.
+fn take_call(
     pending: &mut VecDeque<Pending>,
     now: Instant,
     last_error: &str,
-) -> (Vec<(String, Bytes)>, Vec<Meta>) {
-    let mut records = Vec::new();
-    let mut metas = Vec::new();
+    map: Option<&ShardMap>,
+) -> Vec<Entry> {
+    let mut taken = Vec::new();
+    let mut packer = map.map(CallPacker::new);
     let mut bytes = 0;
     while let Some(next) = pending.front() {
         if next.meta.reply.is_closed() || next.meta.deadline.is_some_and(|d| d <= now) {
@@ -344,18 +432,46 @@ fn take_batch(
                 .increment(1);
             continue;
         }
-        let size = next.record.0.len() + next.record.1.len();
-        if records.len() == MAX_RECORDS_PER_PUT
-            || (!records.is_empty() && bytes + size > MAX_BYTES_PER_PUT)
-        {
+        let (key, data) = &next.record;
+        let fits = match &mut packer {
+            Some(packer) => packer.add(key, data),
+            None => {
+                let size = key.len() + data.len();
+                let fits = taken.is_empty()
+                    || (taken.len() < MAX_RECORDS_PER_PUT && bytes + size <= MAX_BYTES_PER_PUT);
+                bytes += size;
+                fits
+            }
+        };
+        if !fits {
             break;
         }
-        let Pending { record, meta } = pending.pop_front().expect("a front record");
-        bytes += size;
-        records.push(record);
-        metas.push(meta);
+        taken.push(pending.pop_front().expect("a front record"));
     }
-    (records, metas)
+    let Some(packer) = packer else {
+        return taken
+            .into_iter()
+            .map(|part| Entry {
+                record: part.record.clone(),
+                parts: vec![part],
+                shard: None,
+            })
+            .collect();
+    };
+    let mut taken: Vec<Option<Pending>> = taken.into_iter().map(Some).collect();
+    packer
+        .finish()
+        .into_iter()
+        .map(|packed| Entry {
+            record: packed.record,
+            parts: packed
+                .members
+                .iter()
+                .map(|&index| taken[index].take().expect("each record in one entry"))
+                .collect(),
+            shard: packed.shard,
+        })
+        .collect()
 }
 
 /// What is left of a finished call: records to send again after a pause,
@@ -364,12 +480,14 @@ fn take_batch(
 struct Settled {
     retry: Vec<Pending>,
     halves: Vec<Vec<Pending>>,
+    /// An aggregate landed on another shard than the map said.
+    map_stale: bool,
 }
 
 /// Answers the records of a finished call that are done (stored, or refused
 /// for good) and returns those to send again, in their order.
 fn settle(
-    (records, metas, result): CallResult,
+    (entries, result): CallResult,
     health: &KinesisHealth,
     last_error: &mut String,
     dropped_log: &mut RateLimitedLog,
@@ -377,22 +495,34 @@ fn settle(
     let mut settled = Settled::default();
     let retry = &mut settled.retry;
     match result {
-        Ok(entries) => {
+        Ok(results) => {
             health.reached();
             let mut first_failure: Option<SourceError> = None;
-            for ((record, meta), entry) in records.into_iter().zip(metas).zip(entries) {
-                match entry {
-                    PutEntry::Accepted { .. } => {
-                        metrics::counter!(m::GATEWAY_RECORDS_PUT, "protocol" => meta.protocol.label())
-                            .increment(1);
-                        let _ = meta.reply.send(Outcome::Stored);
+            for (entry, result) in entries.into_iter().zip(results) {
+                match result {
+                    PutEntry::Accepted { shard_id, .. } => {
+                        let kind = match &entry.shard {
+                            Some(predicted) => {
+                                settled.map_stale |= *predicted != shard_id;
+                                "aggregate"
+                            }
+                            None => "plain",
+                        };
+                        metrics::counter!(m::GATEWAY_KINESIS_RECORDS, "kind" => kind).increment(1);
+                        for part in entry.parts {
+                            metrics::counter!(m::GATEWAY_RECORDS_PUT, "protocol" => part.meta.protocol.label())
+                                .increment(1);
+                            let _ = part.meta.reply.send(Outcome::Stored);
+                        }
                     }
                     PutEntry::Failed(err) => {
                         metrics::counter!(m::RETRIES, "cause" => err.cause()).increment(1);
-                        if err.is_retriable() || meta.deadline.is_none() {
-                            retry.push(Pending { record, meta });
-                        } else {
-                            let _ = meta.reply.send(Outcome::Refused(err.to_string()));
+                        for part in entry.parts {
+                            if err.is_retriable() || part.meta.deadline.is_none() {
+                                retry.push(part);
+                            } else {
+                                let _ = part.meta.reply.send(Outcome::Refused(err.to_string()));
+                            }
                         }
                         first_failure.get_or_insert(err);
                     }
@@ -418,11 +548,8 @@ fn settle(
         // never take. Halve the call until that record is alone.
         Err(err) if err.is_invalid_argument() => {
             metrics::counter!(m::GATEWAY_PUT_CALLS, "outcome" => "refused").increment(1);
-            let mut parts: Vec<Pending> = records
-                .into_iter()
-                .zip(metas)
-                .map(|(record, meta)| Pending { record, meta })
-                .collect();
+            let mut parts: Vec<Pending> =
+                entries.into_iter().flat_map(|entry| entry.parts).collect();
             if parts.len() > 1 {
                 let second = parts.split_off(parts.len() / 2);
                 settled.halves = vec![parts, second];
@@ -450,11 +577,11 @@ fn settle(
             metrics::counter!(m::GATEWAY_PUT_CALLS, "outcome" => "error").increment(1);
             metrics::counter!(m::RETRIES, "cause" => err.cause()).increment(1);
             let retriable = err.is_retriable();
-            for (record, meta) in records.into_iter().zip(metas) {
-                if retriable || meta.deadline.is_none() {
-                    retry.push(Pending { record, meta });
+            for part in entries.into_iter().flat_map(|entry| entry.parts) {
+                if retriable || part.meta.deadline.is_none() {
+                    retry.push(part);
                 } else {
-                    let _ = meta.reply.send(Outcome::Refused(err.to_string()));
+                    let _ = part.meta.reply.send(Outcome::Refused(err.to_string()));
                 }
             }
             if retriable {
@@ -488,7 +615,14 @@ mod tests {
     }
 
     fn refused_call(parts: Vec<Pending>) -> CallResult {
-        let (records, metas) = parts.into_iter().map(|p| (p.record, p.meta)).unzip();
+        let entries = parts
+            .into_iter()
+            .map(|part| Entry {
+                record: part.record.clone(),
+                parts: vec![part],
+                shard: None,
+            })
+            .collect();
         let err = SourceError::InvalidArgument {
             call: Call {
                 operation: "PutRecords",
@@ -497,7 +631,7 @@ mod tests {
             },
             detail: "ValidationException: partitionKey too long".into(),
         };
-        (records, metas, Err(err))
+        (entries, Err(err))
     }
 
     #[test]
@@ -535,6 +669,74 @@ mod tests {
         assert_eq!(budget.available_permits(), 8);
         drop(rest);
         assert_eq!(budget.available_permits(), 10);
+    }
+
+    #[test]
+    fn an_aggregate_answers_all_its_records_alike_and_a_wrong_shard_marks_the_map_stale() {
+        let health = KinesisHealth::new(Arc::new(Readiness::default()));
+        let budget = Arc::new(Semaphore::new(10));
+        let mut last_error = String::new();
+        let mut log = RateLimitedLog::new(Duration::from_secs(10));
+        let aggregate = |keys: &[&str], budget: &Arc<Semaphore>| {
+            let (parts, receivers): (Vec<Pending>, Vec<_>) =
+                keys.iter().map(|key| pending(key, budget)).unzip();
+            let entry = Entry {
+                record: ("a".into(), Bytes::from_static(b"aggregate")),
+                parts,
+                shard: Some("shardId-000000000001".into()),
+            };
+            (entry, receivers)
+        };
+        let accepted = |shard: &str| PutEntry::Accepted {
+            shard_id: shard.into(),
+            sequence_number: "1".into(),
+        };
+
+        // Accepted where the map said: every record stored.
+        let (entry, receivers) = aggregate(&["a", "b", "c"], &budget);
+        let settled = settle(
+            (vec![entry], Ok(vec![accepted("shardId-000000000001")])),
+            &health,
+            &mut last_error,
+            &mut log,
+        );
+        assert!(!settled.map_stale && settled.retry.is_empty());
+        for mut receiver in receivers {
+            assert_eq!(receiver.try_recv(), Ok(Outcome::Stored));
+        }
+
+        // Accepted elsewhere (the stream was resharded): stored, map stale.
+        let (entry, receivers) = aggregate(&["a", "b"], &budget);
+        let settled = settle(
+            (vec![entry], Ok(vec![accepted("shardId-000000000004")])),
+            &health,
+            &mut last_error,
+            &mut log,
+        );
+        assert!(settled.map_stale);
+        for mut receiver in receivers {
+            assert_eq!(receiver.try_recv(), Ok(Outcome::Stored));
+        }
+
+        // Throttled: every record of it is sent again, in order, unanswered.
+        let (entry, mut receivers) = aggregate(&["a", "b", "c"], &budget);
+        let throttled = SourceError::Throttled {
+            call: Call {
+                operation: "PutRecords",
+                stream: "s".into(),
+                shard: None,
+            },
+            detail: "ProvisionedThroughputExceededException".into(),
+        };
+        let settled = settle(
+            (vec![entry], Ok(vec![PutEntry::Failed(throttled)])),
+            &health,
+            &mut last_error,
+            &mut log,
+        );
+        let keys: Vec<&str> = settled.retry.iter().map(|p| p.record.0.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
     }
 
     #[test]
