@@ -26,6 +26,10 @@ pub struct FlushPolicy {
     pub max_bytes: usize,
     /// Age at which a batch is written however small, bounding latency.
     pub max_age: Duration,
+    /// Age at which a batch is written once its writer has nothing more
+    /// queued: at low load rows wait no longer than this, while under load
+    /// (chunks queued) batches still fill up to the limits above.
+    pub idle_age: Duration,
 }
 
 impl Default for FlushPolicy {
@@ -34,6 +38,7 @@ impl Default for FlushPolicy {
             max_rows: 50_000,
             max_bytes: 8 * 1024 * 1024,
             max_age: Duration::from_millis(500),
+            idle_age: Duration::from_millis(100),
         }
     }
 }
@@ -135,6 +140,13 @@ impl Batch {
     pub fn deadline(&self, policy: &FlushPolicy) -> Option<Instant> {
         self.opened_at.map(|opened| opened + policy.max_age)
     }
+
+    /// When the batch is written if nothing more comes meanwhile: at its
+    /// idle age (or its age limit, if that is sooner).
+    pub fn idle_deadline(&self, policy: &FlushPolicy) -> Option<Instant> {
+        self.opened_at
+            .map(|opened| opened + policy.idle_age.min(policy.max_age))
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +161,7 @@ mod tests {
             max_rows: 3,
             max_bytes: 1_000,
             max_age: Duration::from_millis(500),
+            idle_age: Duration::from_millis(100),
         };
         let mut batch = Batch::new();
         assert!(
@@ -175,6 +188,10 @@ mod tests {
         assert_eq!(
             batch.deadline(&policy),
             Some(start + Duration::from_millis(500))
+        );
+        assert_eq!(
+            batch.idle_deadline(&policy),
+            Some(start + Duration::from_millis(100))
         );
         dead(&mut batch, "a", b"z");
         assert!(batch.is_due(&policy, start), "rows");

@@ -53,6 +53,10 @@ pub struct ConsumeArgs {
     /// Age at which a batch is written however small: the latency bound.
     #[arg(long, env = "INGEST_BATCH_AGE", default_value = "500ms")]
     batch_age: String,
+    /// Age at which a batch is written when nothing more is queued for its
+    /// writer: the latency at low load. Under load batches still fill.
+    #[arg(long, env = "INGEST_BATCH_IDLE_AGE", default_value = "100ms")]
+    batch_idle_age: String,
     /// Batch transactions in flight at once, each on its own connection.
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2)]
     writers: usize,
@@ -172,6 +176,7 @@ impl ConsumeArgs {
                 max_rows: positive("--batch-rows", self.batch_rows)?,
                 max_bytes: positive("--batch-bytes", self.batch_bytes)?,
                 max_age: parse_duration("--batch-age", &self.batch_age)?,
+                idle_age: parse_duration("--batch-idle-age", &self.batch_idle_age)?,
             },
             writers: positive("--writers", self.writers)?,
             queue_chunks: positive("--queue-chunks", self.queue_chunks)?,
