@@ -69,17 +69,45 @@ pub struct Packed {
 }
 
 /// Packs the user records of one call, within its limits: at most 500
-/// Kinesis records and 5 MiB, each record at most 1 MiB.
+/// Kinesis records and 5 MiB, each record at most 1 MiB. Within a shard,
+/// the call's Kinesis records keep the order the user records were added.
 #[derive(Debug)]
 pub struct CallPacker<'a> {
     map: &'a ShardMap,
-    /// Aggregates being filled, by shard, with their members.
-    open: HashMap<&'a str, (Aggregator, Vec<usize>)>,
+    /// Aggregates being filled, by shard.
+    open: HashMap<&'a str, Group>,
     /// Kinesis records finished, in order.
     done: Vec<Packed>,
     /// An upper bound of the call's bytes so far.
     bytes: usize,
     added: usize,
+}
+
+/// The user records of one shard being packed.
+#[derive(Debug)]
+struct Group {
+    aggregator: Aggregator,
+    /// Their indexes among those added.
+    members: Vec<usize>,
+    /// The first of them, put plain if it stays alone.
+    first: (String, Bytes),
+}
+
+impl Group {
+    /// The group as one Kinesis record: plain when it holds one user
+    /// record (an aggregate of one only adds bytes), else an aggregate.
+    fn packed(mut self, shard: &str) -> Option<Packed> {
+        let aggregate = self.aggregator.finish()?;
+        Some(if self.members.len() == 1 {
+            Packed {
+                record: self.first,
+                members: self.members,
+                shard: None,
+            }
+        } else {
+            packed(aggregate.partition_key, aggregate.data, self.members, shard)
+        })
+    }
 }
 
 impl<'a> CallPacker<'a> {
@@ -106,49 +134,46 @@ impl<'a> CallPacker<'a> {
         }
         let index = self.added;
         self.added += 1;
-        self.bytes += size - AGGREGATE_OVERHEAD;
+        self.bytes += size;
         let shard = self.map.shard_of(key);
-        let (aggregator, members) = self
-            .open
-            .entry(shard)
-            .or_insert_with(|| (Aggregator::new(MAX_RECORD_BYTES), Vec::new()));
-        match aggregator.add(key, data) {
-            Ok(None) => {
-                if members.is_empty() {
-                    self.bytes += AGGREGATE_OVERHEAD;
-                }
-                members.push(index);
-            }
+        let group = self.open.entry(shard).or_insert_with(|| Group {
+            aggregator: Aggregator::new(MAX_RECORD_BYTES),
+            members: Vec::new(),
+            first: (key.to_owned(), data.clone()),
+        });
+        match group.aggregator.add(key, data) {
+            Ok(None) => group.members.push(index),
             Ok(Some(full)) => {
-                self.bytes += AGGREGATE_OVERHEAD;
-                let full_members = std::mem::replace(members, vec![index]);
+                let full_members = std::mem::replace(&mut group.members, vec![index]);
+                group.first = (key.to_owned(), data.clone());
                 self.done
                     .push(packed(full.partition_key, full.data, full_members, shard));
             }
-            // Too large for any aggregate: put on its own.
-            Err(_) => self.done.push(Packed {
-                record: (key.to_owned(), data.clone()),
-                members: vec![index],
-                shard: None,
-            }),
+            // Too large for any aggregate: put on its own, after the
+            // shard's records added before it.
+            Err(_) => {
+                let earlier = self
+                    .open
+                    .remove(shard)
+                    .and_then(|group| group.packed(shard));
+                self.done.extend(earlier);
+                self.done.push(Packed {
+                    record: (key.to_owned(), data.clone()),
+                    members: vec![index],
+                    shard: None,
+                });
+            }
         }
         true
     }
 
     /// The call's Kinesis records.
     pub fn finish(mut self) -> Vec<Packed> {
-        let mut open: Vec<(&str, (Aggregator, Vec<usize>))> = self.open.drain().collect();
+        let mut open: Vec<(&str, Group)> = self.open.drain().collect();
         // In the order of their first user records, for a stable call.
-        open.sort_by_key(|(_, (_, members))| members.first().copied());
-        for (shard, (mut aggregator, members)) in open {
-            if let Some(aggregate) = aggregator.finish() {
-                self.done.push(packed(
-                    aggregate.partition_key,
-                    aggregate.data,
-                    members,
-                    shard,
-                ));
-            }
+        open.sort_by_key(|(_, group)| group.members.first().copied());
+        for (shard, group) in open {
+            self.done.extend(group.packed(shard));
         }
         self.done
     }
@@ -277,6 +302,42 @@ mod tests {
         assert_eq!(plain.len(), 1, "the near-1 MiB record is put plain");
         assert_eq!(plain[0].members, [0]);
         assert_eq!(packed.iter().map(|p| p.members.len()).sum::<usize>(), added);
+    }
+
+    #[test]
+    fn a_record_alone_in_its_shard_goes_plain_and_a_large_one_keeps_its_place() {
+        let map = four_shards();
+        let mut packer = CallPacker::new(&map);
+        // "dev-1" and "dev-2" share shard 0; "c" is alone in shard 1.
+        let small = Bytes::from_static(b"{}");
+        let big = Bytes::from(vec![b'x'; MAX_RECORD_BYTES - 10]);
+        for (key, data) in [
+            ("dev-1", &small),
+            ("c", &small),
+            ("dev-2", &big),
+            ("dev-1", &small),
+        ] {
+            assert!(packer.add(key, data));
+        }
+        let packed = packer.finish();
+        let summary: Vec<(&str, Vec<usize>, bool)> = packed
+            .iter()
+            .map(|p| (p.record.0.as_str(), p.members.clone(), p.shard.is_some()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                // dev-1's first record, plain, before the large one of its shard.
+                ("dev-1", vec![0], false),
+                ("dev-2", vec![2], false),
+                ("c", vec![1], false),
+                ("dev-1", vec![3], false),
+            ]
+        );
+        assert_eq!(
+            packed[0].record.1, small,
+            "a plain record is the record itself"
+        );
     }
 
     #[test]
