@@ -12,6 +12,12 @@
 //!   and the time of a write_batch without rows: the sink's cost per batch
 //!   above the COPY.
 //!
+//! - `sink/parallel` (printed): a worker with `--writers N` against N raw
+//!   binary COPY connections, for N = 1, 2, 4: N write_batch transactions
+//!   at once, each on its own connection and its own shards (as a worker
+//!   assigns them), against N raw COPYs at once of the same tuples, in
+//!   alternating pairs, and the ratio of their medians.
+//!
 //! Both write [`ROWS`] rows per iteration into the same table of the same
 //! database in the same run; before each iteration (not timed) the tables
 //! are truncated and the checkpoints cleared, so every iteration writes into
@@ -23,6 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use futures_util::SinkExt;
+use futures_util::future::join_all;
 use tokio_postgres::Client;
 
 use benches::{database, records};
@@ -43,7 +50,11 @@ const COPY_SAMPLES: &str =
 
 fn sink(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let (mut client, segments) = runtime.block_on(prepare());
+    let Prepared {
+        mut client,
+        segments,
+        mut parallel,
+    } = runtime.block_on(prepare());
 
     let mut group = c.benchmark_group("sink");
     group
@@ -92,6 +103,52 @@ fn sink(c: &mut Criterion) {
         1 // `cargo test`: a smoke test.
     };
     runtime.block_on(side_by_side(&mut client, &segments, pairs));
+    for (clients, batches) in &mut parallel {
+        runtime.block_on(parallel_side_by_side(
+            clients,
+            batches,
+            pairs.min(PARALLEL_PAIRS),
+        ));
+    }
+}
+
+/// Writers compared with as many raw COPY connections.
+const WRITERS: [usize; 3] = [1, 2, 4];
+/// Pairs for each of them.
+const PARALLEL_PAIRS: usize = 7;
+
+/// Runs `pairs` pairs of (N write_batch at once, N raw COPYs at once), one
+/// connection and one batch each, and prints the medians and their ratio.
+async fn parallel_side_by_side(
+    clients: &mut [Client],
+    batches: &[Vec<SealedSegment>],
+    pairs: usize,
+) {
+    let writers = clients.len();
+    let (mut sink, mut raw) = (Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        for sink_now in [pair % 2 == 0, pair % 2 == 1] {
+            reset(&clients[0]).await;
+            let started = Instant::now();
+            if sink_now {
+                join_all(clients.iter_mut().zip(batches).map(|(c, b)| write(c, b))).await;
+                sink.push(started.elapsed());
+            } else {
+                let rows = join_all(clients.iter().zip(batches).map(|(c, b)| raw_copy(c, b))).await;
+                assert_eq!(rows, vec![ROWS as u64; writers]);
+                raw.push(started.elapsed());
+            }
+        }
+    }
+    let (sink, raw) = (median(sink), median(raw));
+    let rate = |took: Duration| (writers * ROWS) as f64 / took.as_secs_f64();
+    println!(
+        "sink/parallel          {writers} writers, {pairs} pairs, medians: write_batch x{writers} {:.0} rows/s \
+         ({sink:.1?}), raw_copy x{writers} {:.0} rows/s ({raw:.1?}), ratio {:.3}",
+        rate(sink),
+        rate(raw),
+        rate(sink) / rate(raw),
+    );
 }
 
 /// Pairs of (write_batch, raw_copy) for the side-by-side ratio.
@@ -154,11 +211,19 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
+/// What the benchmarks write with: a connection and one batch of [`ROWS`]
+/// rows over the four shards; and for each of [`WRITERS`], that many
+/// connections with a batch of [`ROWS`] rows each, over shards of its own.
+struct Prepared {
+    client: Client,
+    segments: Vec<SealedSegment>,
+    parallel: Vec<(Vec<Client>, Vec<Vec<SealedSegment>>)>,
+}
+
 /// A fresh migrated database `bench_sink` with the records' series and four
-/// leases held by [`OWNER`]; returns a connection to it and one batch of
-/// [`ROWS`] sample rows, encoded by the consumer's own code. Checks once
-/// that both ways of writing store every row.
-async fn prepare() -> (Client, Vec<SealedSegment>) {
+/// leases held by [`OWNER`], and the batches, encoded by the consumer's own
+/// code. Checks once that both ways of writing store every row.
+async fn prepare() -> Prepared {
     let config = database::fresh("bench_sink").await;
     let mut client = database::connect(&config).await;
     let mut cache = SeriesCache::default();
@@ -177,16 +242,64 @@ async fn prepare() -> (Client, Vec<SealedSegment>) {
 
     // Records of the last minute, so that rows land in real partitions.
     let base_ms = records::now_ms() - 60_000;
+    let segments = encode(0, &shard_ids, base_ms, &mut cache);
+    reset(&client).await;
+    write(&mut client, &segments).await;
+    assert_eq!(stored(&client).await, (ROWS as i64, SHARDS as i64));
+    reset(&client).await;
+    assert_eq!(raw_copy(&client, &segments).await, ROWS as u64);
+    assert_eq!(stored(&client).await, (ROWS as i64, 0));
+
+    // Writer k of N writes shards k, k + N, ...; records of its own.
+    let mut parallel = Vec::new();
+    for writers in WRITERS {
+        let mut clients = Vec::new();
+        let mut batches = Vec::new();
+        for writer in 0..writers {
+            clients.push(database::connect(&config).await);
+            let shards: Vec<String> = shard_ids
+                .iter()
+                .skip(writer)
+                .step_by(writers)
+                .cloned()
+                .collect();
+            batches.push(encode(
+                writer * RECORDS_PER_BATCH,
+                &shards,
+                base_ms,
+                &mut cache,
+            ));
+        }
+        parallel.push((clients, batches));
+    }
+    Prepared {
+        client,
+        segments,
+        parallel,
+    }
+}
+
+/// Records in a batch of [`ROWS`] rows.
+const RECORDS_PER_BATCH: usize = ROWS / records::METRICS.len();
+
+/// A batch of records `first..` (one per [`RECORDS_PER_BATCH`]), record i
+/// into `shards[i % shards.len()]`, sealed.
+fn encode(
+    first: usize,
+    shards: &[String],
+    base_ms: i64,
+    cache: &mut SeriesCache,
+) -> Vec<SealedSegment> {
     let mut decoder = Decoder::default();
-    let mut segments: Vec<Segment> = shard_ids.iter().map(|id| Segment::new(id, 1)).collect();
-    for i in 0..ROWS / records::METRICS.len() {
+    let mut segments: Vec<Segment> = shards.iter().map(|id| Segment::new(id, 1)).collect();
+    for i in first..first + RECORDS_PER_BATCH {
         let raw = Bytes::from(records::canonical(i, base_ms));
         let reading = decoder
             .decode(&raw, base_ms * 1_000)
             .expect("generated records decode");
-        let segment = &mut segments[i % SHARDS];
+        let segment = &mut segments[i % shards.len()];
         segment
-            .add_reading(&reading, &mut cache)
+            .add_reading(&reading, cache)
             .expect("every series was resolved");
         segment.advance(
             &format!("{:056}", 49_600_000_000u64 + i as u64),
@@ -197,37 +310,19 @@ async fn prepare() -> (Client, Vec<SealedSegment>) {
     }
     let segments: Vec<SealedSegment> = segments.into_iter().map(Segment::seal).collect();
     assert_eq!(segments.iter().map(|s| s.rows.0).sum::<usize>(), ROWS);
-
-    reset(&client).await;
-    write(&mut client, &segments).await;
-    assert_eq!(stored(&client).await, (ROWS as i64, SHARDS as i64));
-    reset(&client).await;
-    assert_eq!(raw_copy(&client, &segments).await, ROWS as u64);
-    assert_eq!(stored(&client).await, (ROWS as i64, 0));
-    (client, segments)
+    segments
 }
 
 /// Empties the tables the batch writes to and clears the checkpoints, so
-/// that the next write starts from the same state as every other. Then a
-/// CHECKPOINT: each batch writes about 12 MB of WAL, so with the stack's
-/// max_wal_size (1 GB) the server would checkpoint every eighty batches or
-/// so, in the middle of some timed writes and not others.
+/// that the next write starts from the same state as every other.
 async fn reset(client: &Client) {
+    database::empty_tables(client).await;
     client
-        .batch_execute(
-            "TRUNCATE telemetry.samples, telemetry.events, ingest.dead_letters;
-             -- The plain paths' rollup; TimescaleDB's aggregate is only
-             -- materialized by its refresh, which the benchmark never runs.
-             DO $$ BEGIN
-                 IF to_regclass('telemetry.samples_1h_state') IS NOT NULL THEN
-                     TRUNCATE telemetry.samples_1h_state;
-                 END IF;
-             END $$;
-             UPDATE ingest.shard_leases SET checkpoint = NULL;
-             CHECKPOINT",
-        )
+        .batch_execute("UPDATE ingest.shard_leases SET checkpoint = NULL")
         .await
-        .unwrap_or_else(|error| panic!("resetting the tables: {}", ingest::db::describe(&error)));
+        .unwrap_or_else(|error| {
+            panic!("clearing the checkpoints: {}", ingest::db::describe(&error))
+        });
 }
 
 /// One binary COPY of the segments' sample tuples, framed as write_batch
