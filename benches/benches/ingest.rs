@@ -67,7 +67,7 @@ struct Bench {
 
 fn ingest(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let bench = Arc::new(runtime.block_on(prepare()));
+    let bench = runtime.block_on(prepare());
 
     let mut group = c.benchmark_group("ingest");
     group

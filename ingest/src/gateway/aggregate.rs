@@ -134,8 +134,12 @@ impl<'a> CallPacker<'a> {
         }
         let index = self.added;
         self.added += 1;
-        self.bytes += size;
+        // The aggregate's own overhead counts once, when it starts.
+        self.bytes += size - AGGREGATE_OVERHEAD;
         let shard = self.map.shard_of(key);
+        if !self.open.contains_key(shard) {
+            self.bytes += AGGREGATE_OVERHEAD;
+        }
         let group = self.open.entry(shard).or_insert_with(|| Group {
             aggregator: Aggregator::new(MAX_RECORD_BYTES),
             members: Vec::new(),
@@ -144,6 +148,7 @@ impl<'a> CallPacker<'a> {
         match group.aggregator.add(key, data) {
             Ok(None) => group.members.push(index),
             Ok(Some(full)) => {
+                self.bytes += AGGREGATE_OVERHEAD;
                 let full_members = std::mem::replace(&mut group.members, vec![index]);
                 group.first = (key.to_owned(), data.clone());
                 self.done
@@ -337,6 +342,27 @@ mod tests {
         assert_eq!(
             packed[0].record.1, small,
             "a plain record is the record itself"
+        );
+    }
+
+    #[test]
+    fn small_readings_fill_most_of_a_call() {
+        let map = four_shards();
+        let mut packer = CallPacker::new(&map);
+        let reading = Bytes::from(vec![b'x'; 150]);
+        let mut added = 0;
+        while packer.add(&format!("dev-{}", added % 10_000), &reading) {
+            added += 1;
+        }
+        let packed = packer.finish();
+        let bytes: usize = packed
+            .iter()
+            .map(|p| p.record.0.len() + p.record.1.len())
+            .sum();
+        assert!(bytes <= MAX_BYTES_PER_PUT, "{bytes} bytes in one call");
+        assert!(
+            bytes >= MAX_BYTES_PER_PUT * 3 / 4,
+            "{added} readings in {bytes} bytes: the bound wastes a quarter of the call"
         );
     }
 

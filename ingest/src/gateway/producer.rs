@@ -258,6 +258,17 @@ struct Entry {
     shard: Option<String>,
 }
 
+impl Entry {
+    /// A record put as it is.
+    fn plain(part: Pending) -> Entry {
+        Entry {
+            record: part.record.clone(),
+            parts: vec![part],
+            shard: None,
+        }
+    }
+}
+
 /// The result of one call, with the records it carried.
 type CallResult = (Vec<Entry>, Result<Vec<PutEntry>, SourceError>);
 
@@ -449,14 +460,7 @@ fn take_call(
         taken.push(pending.pop_front().expect("a front record"));
     }
     let Some(packer) = packer else {
-        return taken
-            .into_iter()
-            .map(|part| Entry {
-                record: part.record.clone(),
-                parts: vec![part],
-                shard: None,
-            })
-            .collect();
+        return taken.into_iter().map(Entry::plain).collect();
     };
     let mut taken: Vec<Option<Pending>> = taken.into_iter().map(Some).collect();
     packer
@@ -615,14 +619,7 @@ mod tests {
     }
 
     fn refused_call(parts: Vec<Pending>) -> CallResult {
-        let entries = parts
-            .into_iter()
-            .map(|part| Entry {
-                record: part.record.clone(),
-                parts: vec![part],
-                shard: None,
-            })
-            .collect();
+        let entries = parts.into_iter().map(Entry::plain).collect();
         let err = SourceError::InvalidArgument {
             call: Call {
                 operation: "PutRecords",
