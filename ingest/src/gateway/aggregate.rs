@@ -26,6 +26,10 @@ use crate::source::kinesis::{MAX_BYTES_PER_PUT, MAX_RECORD_BYTES, MAX_RECORDS_PE
 /// its key once more (in the aggregate's key table) and the protobuf tags
 /// and lengths; per aggregate, the magic, the MD5 and its own partition key.
 const RECORD_OVERHEAD: usize = 24;
+/// The largest aggregate made: the KPL's default AggregationMaxSize
+/// (51,200 bytes), not Kinesis's 1 MiB, so that one aggregate stays a
+/// small part of a GetRecords answer and of a batch.
+pub const MAX_AGGREGATE_BYTES: usize = 51_200;
 const AGGREGATE_OVERHEAD: usize = 4 + 16 + 256 + 8;
 
 /// The stream's open shards, by the partition-key hashes they take.
@@ -141,7 +145,7 @@ impl<'a> CallPacker<'a> {
             self.bytes += AGGREGATE_OVERHEAD;
         }
         let group = self.open.entry(shard).or_insert_with(|| Group {
-            aggregator: Aggregator::new(MAX_RECORD_BYTES),
+            aggregator: Aggregator::new(MAX_AGGREGATE_BYTES),
             members: Vec::new(),
             first: (key.to_owned(), data.clone()),
         });
@@ -283,7 +287,7 @@ mod tests {
         let mut packer = CallPacker::new(&map);
         let big = Bytes::from(vec![b'x'; MAX_RECORD_BYTES - 10]);
         assert!(packer.add("dev-1", &big), "the first record always fits");
-        let small = Bytes::from(vec![b'y'; 100_000]);
+        let small = Bytes::from(vec![b'y'; 10_000]);
         let mut added = 1;
         while packer.add(&format!("dev-{added}"), &small) {
             added += 1;
@@ -303,9 +307,15 @@ mod tests {
                 .iter()
                 .all(|p| p.record.0.len() + p.record.1.len() <= MAX_RECORD_BYTES)
         );
-        let plain: Vec<&Packed> = packed.iter().filter(|p| p.shard.is_none()).collect();
-        assert_eq!(plain.len(), 1, "the near-1 MiB record is put plain");
-        assert_eq!(plain[0].members, [0]);
+        assert!(
+            packed
+                .iter()
+                .filter(|p| p.shard.is_some())
+                .all(|p| p.record.0.len() + p.record.1.len() <= MAX_AGGREGATE_BYTES),
+            "aggregates stay within the KPL's size"
+        );
+        let big_one = packed.iter().find(|p| p.members == [0]).unwrap();
+        assert_eq!(big_one.shard, None, "the near-1 MiB record is put plain");
         assert_eq!(packed.iter().map(|p| p.members.len()).sum::<usize>(), added);
     }
 
