@@ -136,13 +136,8 @@ impl Batch {
         }
     }
 
-    /// When the age limit falls due, if the batch holds anything.
-    pub fn deadline(&self, policy: &FlushPolicy) -> Option<Instant> {
-        self.opened_at.map(|opened| opened + policy.max_age)
-    }
-
-    /// When the batch is written if nothing more comes meanwhile: at its
-    /// idle age (or its age limit, if that is sooner).
+    /// When the batch is written if nothing more comes meanwhile, if it
+    /// holds anything: at its idle age (or its age limit, if sooner).
     pub fn idle_deadline(&self, policy: &FlushPolicy) -> Option<Instant> {
         self.opened_at
             .map(|opened| opened + policy.idle_age.min(policy.max_age))
@@ -186,10 +181,6 @@ mod tests {
             "age"
         );
         assert_eq!(
-            batch.deadline(&policy),
-            Some(start + Duration::from_millis(500))
-        );
-        assert_eq!(
             batch.idle_deadline(&policy),
             Some(start + Duration::from_millis(100))
         );
@@ -204,6 +195,6 @@ mod tests {
         assert!(big.is_due(&policy, start), "bytes");
 
         assert_eq!(batch.take().len(), 1);
-        assert!(batch.is_empty() && batch.deadline(&policy).is_none());
+        assert!(batch.is_empty() && batch.idle_deadline(&policy).is_none());
     }
 }

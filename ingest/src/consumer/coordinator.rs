@@ -137,9 +137,10 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
             _ = ticks.tick() => {
-                // A round waits on the database at most a connect timeout;
-                // a shutdown does not wait for it. Its statements are
-                // transactions: one cut short is rolled back.
+                // A shutdown does not wait for a round (the database may
+                // be gone). Each lease statement is atomic: one cut short
+                // happened or not, and the release frees whatever this
+                // worker holds.
                 tokio::select! {
                     () = coordinator.round() => {}
                     () = shutdown.cancelled() => break Ok(()),

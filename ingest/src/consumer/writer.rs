@@ -84,8 +84,9 @@ impl Writer {
     /// A batch is written when full or at its age limit; and when nothing
     /// more is queued once it is `idle_age` old: chunks waiting are always
     /// taken first (`biased`), so the timer only fires on an idle writer.
-    /// At low load a row waits about `idle_age`; under load a batch fills
-    /// while the last one commits, and transactions stay as few as before.
+    /// At low load a row waits about `idle_age` (a transaction per
+    /// GetRecords result at most); under load a batch fills while the last
+    /// one commits.
     pub async fn run(mut self) -> Result<(), WriterError> {
         loop {
             let deadline = self.batch.idle_deadline(&self.policy);
