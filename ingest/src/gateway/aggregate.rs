@@ -20,7 +20,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use crate::kpl::Aggregator;
-use crate::source::kinesis::{MAX_BYTES_PER_PUT, MAX_RECORD_BYTES, MAX_RECORDS_PER_PUT, ShardInfo};
+use crate::source::kinesis::{MAX_BYTES_PER_PUT, MAX_RECORDS_PER_PUT, ShardInfo};
 
 /// Bytes an aggregate adds to its user records at most: per user record,
 /// its key once more (in the aggregate's key table) and the protobuf tags
@@ -200,6 +200,7 @@ fn packed(partition_key: String, data: Bytes, members: Vec<usize>, shard: &str) 
 mod tests {
     use super::*;
     use crate::kpl;
+    use crate::source::kinesis::MAX_RECORD_BYTES;
 
     fn shard(id: &str, start: u128, end: u128, open: bool) -> ShardInfo {
         ShardInfo {
