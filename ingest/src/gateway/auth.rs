@@ -579,12 +579,14 @@ fn parse_secret(secret: &str) -> Result<Vec<u8>, String> {
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
+    // Digits only: `u8::from_str_radix` alone would take "+f" as 0x0f, so
+    // two spellings of one signature would both verify.
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..hex.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
         .collect()
 }
 
@@ -593,6 +595,15 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn hex_is_digits_only() {
+        assert_eq!(decode_hex("0fA0"), Some(vec![0x0f, 0xa0]));
+        assert_eq!(decode_hex("+f"), None);
+        assert_eq!(decode_hex("-1"), None);
+        assert_eq!(decode_hex("0g"), None);
+        assert_eq!(decode_hex("abc"), None);
+    }
 
     const NOW: i64 = 1_764_513_000;
 
