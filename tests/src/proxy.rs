@@ -8,7 +8,10 @@
 //! bound meanwhile, so no other listener takes it. [`TcpProxy::restore`]
 //! listens again on the same port. [`TcpProxy::blackhole_at`] makes one
 //! connection go silent at a chosen message, both ways, without closing
-//! it: a peer that vanished, as neither end can tell. The proxy runs
+//! it: a peer that vanished, as neither end can tell. [`TcpProxy::stall`]
+//! holds every byte, both ways, on every connection, until
+//! [`TcpProxy::resume`]: a server that stopped answering for a while (a
+//! storage hiccup, a long pause), connections kept open. The proxy runs
 //! on the calling test's tokio runtime; dropping it closes everything.
 
 use std::net::SocketAddr;
@@ -52,6 +55,10 @@ struct Shared {
     trap: Mutex<Option<Blackhole>>,
     /// Connections gone silent.
     blackholed: AtomicU64,
+    /// While true, no byte is passed on either way.
+    stalled: watch::Sender<bool>,
+    /// Client bytes that stall the proxy when they come (not passed on).
+    stall_trap: Mutex<Option<Vec<u8>>>,
 }
 
 /// Where a connection goes silent: at the first client bytes holding
@@ -65,8 +72,13 @@ struct Blackhole {
 impl TcpProxy {
     /// Starts a proxy to `upstream` (host:port) on 127.0.0.1, port chosen by the system.
     pub async fn start(upstream: &str) -> TcpProxy {
-        let listener = listen("127.0.0.1:0".parse().expect("an address"))
-            .unwrap_or_else(|error| panic!("the proxy cannot listen on 127.0.0.1: {error}"));
+        Self::start_at("127.0.0.1:0".parse().expect("an address"), upstream).await
+    }
+
+    /// Starts a proxy to `upstream` (host:port) listening on `address`.
+    pub async fn start_at(address: SocketAddr, upstream: &str) -> TcpProxy {
+        let listener = listen(address)
+            .unwrap_or_else(|error| panic!("the proxy cannot listen on {address}: {error}"));
         let address = listener.local_addr().expect("a bound address");
         let shared = Arc::new(Shared {
             upstream: upstream.to_string(),
@@ -76,6 +88,8 @@ impl TcpProxy {
             open: AtomicU64::new(0),
             trap: Mutex::new(None),
             blackholed: AtomicU64::new(0),
+            stalled: watch::Sender::new(false),
+            stall_trap: Mutex::new(None),
         });
         let acceptor = tokio::spawn(accept(listener, shared.clone()));
         TcpProxy {
@@ -182,6 +196,29 @@ impl TcpProxy {
         });
     }
 
+    /// Holds every byte, both ways, on every connection (new ones too)
+    /// until [`resume`](Self::resume); nothing is closed.
+    pub fn stall(&self) {
+        self.shared.stalled.send_replace(true);
+    }
+
+    /// Stalls the proxy, as [`stall`](Self::stall), when the next client
+    /// bytes holding `marker` come (e.g. a `COPY` inside a transaction, so
+    /// the server waits idle in it); they are held too.
+    pub fn stall_at(&self, marker: &[u8]) {
+        *self.shared.stall_trap.lock().expect("not poisoned") = Some(marker.to_vec());
+    }
+
+    /// Whether the proxy is stalled now.
+    pub fn is_stalled(&self) -> bool {
+        *self.shared.stalled.borrow()
+    }
+
+    /// Passes bytes on again after [`stall`](Self::stall).
+    pub fn resume(&self) {
+        self.shared.stalled.send_replace(false);
+    }
+
     /// Connections gone silent by [`blackhole_at`](Self::blackhole_at) so far.
     pub fn blackholed(&self) -> u64 {
         self.shared.blackholed.load(Ordering::SeqCst)
@@ -257,7 +294,7 @@ async fn relay(mut client: TcpStream, born: u64, shared: Arc<Shared>) {
         tokio::select! {
             // One side closed or failed: the relay ends, closing both.
             () = client_to_server(&mut client_read, &mut server_write, &shared, &silent) => false,
-            () = server_to_client(&mut server_read, &mut client_write, &silent) => false,
+            () = server_to_client(&mut server_read, &mut client_write, &shared, &silent) => false,
             () = cut_since(&shared, born) => true,
         }
     };
@@ -307,6 +344,17 @@ async fn client_to_server(
             shared.blackholed.fetch_add(1, Ordering::SeqCst);
             continue;
         }
+        {
+            let mut trap = shared.stall_trap.lock().expect("not poisoned");
+            let hit = trap
+                .as_ref()
+                .is_some_and(|marker| bytes.windows(marker.len()).any(|w| w == marker.as_slice()));
+            if hit {
+                *trap = None;
+                shared.stalled.send_replace(true);
+            }
+        }
+        flowing(shared).await;
         if to.write_all(bytes).await.is_err() {
             return;
         }
@@ -318,6 +366,7 @@ async fn client_to_server(
 async fn server_to_client(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
+    shared: &Shared,
     silent: &AtomicBool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -335,10 +384,18 @@ async fn server_to_client(
         if silent.load(Ordering::SeqCst) {
             continue;
         }
+        flowing(shared).await;
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
+}
+
+/// Returns once the proxy is not stalled.
+async fn flowing(shared: &Shared) {
+    let mut stalled = shared.stalled.subscribe();
+    // The sender lives in `shared`, so this cannot fail.
+    let _ = stalled.wait_for(|stalled| !*stalled).await;
 }
 
 /// Returns once a cut came after generation `born`.

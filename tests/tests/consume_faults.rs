@@ -474,6 +474,46 @@ async fn the_database_going_away_and_coming_back_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_stops_answering_mid_batch_for_longer_than_the_lease_ttl_loses_nothing() {
+    let db = TestDb::migrated("faults_database_stall").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("database-stall", 2).await;
+    let proxy = TcpProxy::start(&host_port(&db.url)).await;
+    let mut worker = ConsumerProcess::start(&proxy.url_via(&db.url), &stream, "w1", &[]);
+    let producer = Producer::start(
+        source.clone(),
+        50,
+        200,
+        Duration::from_millis(100),
+        usize::MAX,
+    );
+    let landed = wait_for_count(&client, SAMPLES, 500, LAND_WITHIN).await;
+    assert!(landed >= 500, "only {landed} rows before the stall");
+
+    // The next batch's checkpoint update is held inside its transaction: the server
+    // waits idle in it past idle_in_transaction_session_timeout (a third of
+    // the 3 s lease TTL) and ends the session, as on a real stall.
+    proxy.stall_at(b"SET checkpoint = coalesce");
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    while !proxy.is_stalled() {
+        assert!(Instant::now() < deadline, "no batch moved its checkpoints");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.resume();
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        worker.is_running(),
+        "the worker exited after the stall: its session ended by the server is not retried"
+    );
+    let put = producer.stop().await;
+    assert_exactly(&client, &put, "after the stall").await;
+    assert!(worker.is_running(), "the consumer exited");
+    clean_up([worker], &source, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_worker_whose_lease_is_taken_cannot_commit_for_it() {
     let db = TestDb::migrated("faults_stolen_lease").await;
     let client = db.client().await;

@@ -55,6 +55,9 @@ impl SinkError {
                     || *code == SqlState::QUERY_CANCELED
                     // lock_timeout: a session holding the rows may yet end.
                     || *code == SqlState::LOCK_NOT_AVAILABLE
+                    // The server ended a session that went quiet inside its
+                    // transaction (the network stalled): rolled back.
+                    || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
                     || code.code().starts_with("08") // connection exception
                     || code.code().starts_with("57") // admin shutdown, crash shutdown, cannot connect now
                     || code.code().starts_with("53") // insufficient resources
