@@ -84,6 +84,13 @@ pub static MIGRATIONS: &[Migration] = &[
         postgres: "",
         timescaledb: "",
     },
+    Migration {
+        version: 8,
+        name: "one row per reading",
+        common: include_str!("../migrations/0008_unique_readings.sql"),
+        postgres: "",
+        timescaledb: "",
+    },
 ];
 
 #[cfg(test)]

@@ -428,3 +428,64 @@ async fn a_device_inventing_series_is_capped_and_the_cache_stays_bounded() {
     source.delete_stream().await.unwrap();
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reading_put_twice_lands_once_and_its_copy_is_a_dead_letter() {
+    let db = TestDb::migrated("poison_put_twice").await;
+    let client = db.client().await;
+    let (stream, source) = create_stream("put-twice", 2).await;
+    // What a gateway killed between Kinesis's answer and its own does: the
+    // message comes again and is put again.
+    let good = records(4, 100, base_ts());
+    let event = (
+        "switch".to_string(),
+        Bytes::from(format!(
+            r#"{{"device":"switch","ts":{},"fields":{{"state":"on"}}}}"#,
+            base_ts()
+        )),
+    );
+    let mut all = good.clone();
+    all.extend([
+        good[10].clone(),
+        good[11].clone(),
+        event.clone(),
+        event.clone(),
+    ]);
+    source.put_records(&all).await.unwrap();
+    let mut worker = ConsumerProcess::start(&db.url, &stream, "w1", &[]);
+    assert_eq!(
+        wait_for_count(&client, DEAD_LETTERS, 3, LAND_WITHIN).await,
+        3,
+        "the copies in the first batches are dead letters"
+    );
+    // And a copy that comes after the first was committed long ago.
+    source.put_records(&good[..1]).await.unwrap();
+    assert_eq!(
+        wait_for_count(&client, DEAD_LETTERS, 4, LAND_WITHIN).await,
+        4,
+        "the late copy is a dead letter"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(per_device(&client).await, expected_per_device(&good));
+    let events: i64 = client
+        .query_one("SELECT count(*) FROM telemetry.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1, "the event once");
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    for (kind, reason, raw) in &letters {
+        assert_eq!(kind, "database_refused", "{reason}");
+        assert!(reason.contains("duplicate key"), "{reason}");
+        let copies = [&good[0].1, &good[10].1, &good[11].1, &event.1];
+        assert!(
+            copies.iter().any(|c| c.as_ref() == raw.as_slice()),
+            "{raw:?}"
+        );
+    }
+    assert!(worker.is_running(), "a copy stopped the worker");
+    drop(worker);
+    source.delete_stream().await.unwrap();
+    db.drop().await;
+}
