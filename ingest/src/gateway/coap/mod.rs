@@ -8,12 +8,13 @@
 //! - `server.rs`: the socket, the receive loop, piggybacked and separate
 //!   responses.
 //!
-//! `message`, `resource`, `block` and `exchange` do no IO and are tested alone.
+//! `message`, `resource`, `block` and `exchange` do no IO and are tested alone;
+//! the first three are public for the fuzz targets (ingest/fuzz).
 
-mod block;
+pub mod block;
 mod exchange;
-mod message;
-mod resource;
+pub mod message;
+pub mod resource;
 mod server;
 
 pub use exchange::EXCHANGE_LIFETIME;
