@@ -193,30 +193,11 @@ impl FailoverCluster {
             "local all all trust\nhost all all 127.0.0.0/8 trust\nhost replication all 127.0.0.0/8 trust\n",
             "",
         );
-        let mut standby = PgServer {
-            dir: scratch.path.join("standby"),
-            address: Ipv4Addr::new(127, 0, 0, 3),
-            port,
-            running: false,
-        };
-        pg(
-            "pg_basebackup",
-            &[
-                "-h",
-                &primary.address.to_string(),
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-                standby.dir.to_str().unwrap(),
-                "-R",
-                "-X",
-                "stream",
-            ],
+        let standby = PgServer::standby_of(
+            &primary,
+            scratch.path.join("standby"),
+            Ipv4Addr::new(127, 0, 0, 3),
         );
-        standby.configure("");
-        standby.start();
 
         let dns = ConsulDns::start(&scratch.path.join("dns"), name, primary.address, None);
         FailoverCluster {
@@ -237,6 +218,46 @@ impl FailoverCluster {
 }
 
 impl PgServer {
+    /// A streaming standby of `primary` (a copy by pg_basebackup) in `dir`,
+    /// on `address` and the primary's port, started.
+    pub fn standby_of(primary: &PgServer, dir: PathBuf, address: Ipv4Addr) -> PgServer {
+        let mut standby = PgServer {
+            dir,
+            address,
+            port: primary.port,
+            running: false,
+        };
+        pg(
+            "pg_basebackup",
+            &[
+                "-h",
+                &primary.address.to_string(),
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                standby.dir.to_str().unwrap(),
+                "-R",
+                "-X",
+                "stream",
+                // An immediate checkpoint: a spread one can take minutes.
+                "--checkpoint=fast",
+            ],
+        );
+        standby.configure("");
+        standby.start();
+        standby
+    }
+
+    /// What Patroni does with a failed primary: its data is replaced by a
+    /// fresh copy of `primary`'s, and it runs again as that one's standby.
+    pub fn rebuild_as_standby_of(&mut self, primary: &PgServer) {
+        self.stop_quietly();
+        std::fs::remove_dir_all(&self.dir).expect("remove the old data");
+        *self = PgServer::standby_of(primary, self.dir.clone(), self.address);
+    }
+
     fn stop_quietly(&mut self) {
         if self.running {
             let _ = Command::new("runuser")
