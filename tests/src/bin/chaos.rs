@@ -400,6 +400,9 @@ struct Pipeline {
     run_started: Instant,
     log: std::fs::File,
     reshards: usize,
+    /// What went wrong on its own: a process that exited by itself, a
+    /// worker that overran its SIGTERM bound. Each fails the run.
+    findings: Vec<String>,
 }
 
 impl Pipeline {
@@ -439,7 +442,13 @@ impl Pipeline {
                 worker.start();
                 match status {
                     Some(status) => format!("{name}: exited with {status}"),
-                    None => format!("{name}: did not exit in time, killed"),
+                    None => {
+                        let finding = format!(
+                            "{name} did not exit within its grace and release bound after SIGTERM"
+                        );
+                        self.findings.push(finding.clone());
+                        finding
+                    }
                 }
             }
             Fault::Failover => {
@@ -513,6 +522,7 @@ impl Pipeline {
         }
         for line in crashed {
             self.say(&format!("FINDING: {line}"));
+            self.findings.push(line);
         }
     }
 }
@@ -798,6 +808,7 @@ async fn run(args: Args) -> ExitCode {
         run_started: Instant::now(),
         log: std::fs::File::create(run_dir.join("faults.log")).unwrap(),
         reshards: 0,
+        findings: Vec::new(),
     };
 
     // Faults from the end of loadgen's warm-up to 15 s before its window
@@ -850,7 +861,8 @@ async fn run(args: Args) -> ExitCode {
         .filter(|one| one.fault == Fault::KillGateway)
         .map(|one| one.wall_micros)
         .collect();
-    let checks = check(&pipeline, &report_file, &bucket, &aws, &gateway_kills).await;
+    let mut checks = check(&pipeline, &report_file, &bucket, &aws, &gateway_kills).await;
+    checks.findings = pipeline.findings.clone();
     stop_monitor.store(true, Ordering::SeqCst);
     let _ = monitor_thread.join();
     let table = table(
@@ -890,12 +902,14 @@ struct Checks {
     order_violations: usize,
     resent_after_restart: usize,
     undrained: Vec<String>,
+    findings: Vec<String>,
     end_to_end: Option<(f64, f64)>,
 }
 
 impl Checks {
     fn passed(&self) -> bool {
-        self.loadgen_error.is_none()
+        self.findings.is_empty()
+            && self.loadgen_error.is_none()
             && self.loadgen_lost == 0
             && self.loadgen_duplicated == 0
             && self.loadgen_failed_found == 0
@@ -1305,6 +1319,15 @@ fn table(
             "all".to_string()
         } else {
             format!("NOT {:?}", checks.undrained)
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  processes: {}",
+        if checks.findings.is_empty() {
+            "none exited by itself, every SIGTERM within its bound".to_string()
+        } else {
+            checks.findings.join("; ")
         }
     );
     let peaks: Vec<String> = observed
