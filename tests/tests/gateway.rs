@@ -1732,7 +1732,17 @@ async fn a_full_queue_holds_the_bridge_back_without_losing_a_qos1_message_or_an_
         .wait_for_metric("ingest_gateway_mqtt_held", &[], 1.0, ARRIVE_WITHIN)
         .await;
     assert!(held >= 1.0, "the event loop holds none");
-    let queued = gateway.metric("ingest_gateway_queue_bytes", &[]);
+    // The gauge is set when the producer's loop turns (a call ends, a
+    // record comes), so at one instant it may lag the bytes held (the
+    // calls retry with backoff while Kinesis is away): wait for it.
+    let queued = gateway
+        .wait_for_metric(
+            "ingest_gateway_queue_bytes",
+            &[],
+            1_000_001.0,
+            ARRIVE_WITHIN,
+        )
+        .await;
     assert!(
         queued > 1_000_000.0 && queued <= 2_097_152.0,
         "{queued} bytes queued, limit 2097152"
