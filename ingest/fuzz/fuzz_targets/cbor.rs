@@ -30,11 +30,19 @@ fn same(item: &Cbor, json: &Json, path: &str) -> Result<(), String> {
         (Cbor::Text(a), Json::String(b)) if a == b => Ok(()),
         (Cbor::Integer(n), Json::Number(literal)) => {
             let n = i128::from(*n);
-            if literal.to_string().parse::<i128>() == Ok(n) { Ok(()) } else { differ() }
+            if literal.to_string().parse::<i128>() == Ok(n) {
+                Ok(())
+            } else {
+                differ()
+            }
         }
         (Cbor::Float(f), Json::Number(literal)) => {
             let parsed = literal.to_string().parse::<f64>();
-            if parsed.is_ok_and(|p| p.to_bits() == f.to_bits()) { Ok(()) } else { differ() }
+            if parsed.is_ok_and(|p| p.to_bits() == f.to_bits()) {
+                Ok(())
+            } else {
+                differ()
+            }
         }
         (Cbor::Array(a), Json::Array(b)) if a.len() == b.len() => {
             for (i, (a, b)) in a.iter().zip(b).enumerate() {

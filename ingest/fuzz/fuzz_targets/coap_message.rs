@@ -50,8 +50,9 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[2 + datagram.len()..];
         if let Some(reply) = handle(datagram, &rules, &mut uploads, &mut decoder, peer) {
             let encoded = reply.encode(MessageType::Acknowledgement, 7, b"tok");
-            let parsed = Packet::from_bytes(&encoded)
-                .unwrap_or_else(|err| panic!("reply {reply:?} encodes to an unreadable datagram: {err}"));
+            let parsed = Packet::from_bytes(&encoded).unwrap_or_else(|err| {
+                panic!("reply {reply:?} encodes to an unreadable datagram: {err}")
+            });
             assert!(!message::bare_payload_marker(&encoded, &parsed));
             assert_eq!(parsed.payload, reply.payload);
         }
@@ -93,10 +94,21 @@ fn handle(
         Some(block) => {
             let key = (peer, request.path.clone(), request.query.clone());
             let now = Instant::now();
-            match uploads.receive(key, block, request.size1, &request.payload, MAX_PAYLOAD, now) {
+            match uploads.receive(
+                key,
+                block,
+                request.size1,
+                &request.payload,
+                MAX_PAYLOAD,
+                now,
+            ) {
                 Ok(Progress::Continue(reply)) => return Some(reply),
                 Ok(Progress::Complete(body)) => {
-                    assert!(body.len() <= MAX_PAYLOAD, "a reassembled body of {} bytes", body.len());
+                    assert!(
+                        body.len() <= MAX_PAYLOAD,
+                        "a reassembled body of {} bytes",
+                        body.len()
+                    );
                     assembled = Request {
                         payload: body,
                         ..request.clone()

@@ -10,7 +10,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use ingest::batch::segment::{Segment, SealedSegment};
+use ingest::batch::segment::{SealedSegment, Segment};
 use ingest::batch::series::{SeriesCache, SeriesKey};
 use ingest::decode::{DecodeLimits, Decoder, Reading};
 use libfuzzer_sys::fuzz_target;
@@ -43,7 +43,10 @@ fuzz_target!(|data: &[u8]| {
         match decoder.decode(raw, ARRIVAL) {
             Ok(reading) => {
                 for sample in &reading.samples {
-                    if cache.lookup(&reading.house, &reading.device, &sample.metric).is_none() {
+                    if cache
+                        .lookup(&reading.house, &reading.device, &sample.metric)
+                        .is_none()
+                    {
                         let key = SeriesKey {
                             house: reading.house.clone(),
                             device: reading.device.clone(),
@@ -53,7 +56,9 @@ fuzz_target!(|data: &[u8]| {
                         next_id += 1;
                     }
                 }
-                segment.add_reading(&reading, &mut cache).expect("every series is cached");
+                segment
+                    .add_reading(&reading, &mut cache)
+                    .expect("every series is cached");
                 expect_reading(&reading, &mut cache, &mut expected);
             }
             Err(err) => {
@@ -74,21 +79,44 @@ fuzz_target!(|data: &[u8]| {
     let sealed = segment.seal();
     let columns = [
         &[Type::TIMESTAMPTZ, Type::INT4, Type::FLOAT8][..],
-        &[Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::TEXT, Type::JSONB][..],
-        &[Type::TEXT, Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT, Type::BYTEA][..],
+        &[
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::JSONB,
+        ][..],
+        &[
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::BYTEA,
+        ][..],
     ];
     let tables = [&sealed.samples, &sealed.events, &sealed.dead_letters];
     for ((tuples, types), expected) in tables.into_iter().zip(columns).zip(&expected) {
         assert_eq!(&read_copy(tuples, types), expected);
     }
-    assert_eq!(sealed.rows, (expected[0].len(), expected[1].len(), expected[2].len()));
+    assert_eq!(
+        sealed.rows,
+        (expected[0].len(), expected[1].len(), expected[2].len())
+    );
     check_record_slices(&sealed, columns);
 });
 
 /// The rows `reading` should have become.
-fn expect_reading(reading: &Reading, cache: &mut SeriesCache, expected: &mut [Vec<Vec<Column>>; 3]) {
+fn expect_reading(
+    reading: &Reading,
+    cache: &mut SeriesCache,
+    expected: &mut [Vec<Vec<Column>>; 3],
+) {
     for sample in &reading.samples {
-        let id = cache.get(&reading.house, &reading.device, &sample.metric).expect("cached");
+        let id = cache
+            .get(&reading.house, &reading.device, &sample.metric)
+            .expect("cached");
         expected[0].push(vec![
             Column::Time(reading.time),
             Column::Int4(id),
@@ -115,10 +143,17 @@ fn check_record_slices(sealed: &SealedSegment, columns: [&[Type]; 3]) {
     for i in 0..sealed.marks.len() {
         let one = sealed.tuples(i..i + 1);
         let tables = [&one.samples, &one.events, &one.dead_letters];
-        let counts: Vec<usize> =
-            tables.iter().zip(columns).map(|(tuples, types)| read_copy(tuples, types).len()).collect();
+        let counts: Vec<usize> = tables
+            .iter()
+            .zip(columns)
+            .map(|(tuples, types)| read_copy(tuples, types).len())
+            .collect();
         assert_eq!((counts[0], counts[1], counts[2]), one.rows);
-        rows = (rows.0 + one.rows.0, rows.1 + one.rows.1, rows.2 + one.rows.2);
+        rows = (
+            rows.0 + one.rows.0,
+            rows.1 + one.rows.1,
+            rows.2 + one.rows.2,
+        );
     }
     assert_eq!(rows, sealed.rows);
     let all = sealed.tuples(0..sealed.marks.len());
@@ -146,7 +181,11 @@ fn read_copy(tuples: &[u8], types: &[Type]) -> Vec<Vec<Column>> {
         if fields == -1 {
             break;
         }
-        assert_eq!(usize::try_from(fields).ok(), Some(types.len()), "a tuple's field count");
+        assert_eq!(
+            usize::try_from(fields).ok(),
+            Some(types.len()),
+            "a tuple's field count"
+        );
         let mut row = Vec::new();
         for ty in types {
             let len = i32::from_be_bytes(take(4).try_into().unwrap());
@@ -161,7 +200,8 @@ fn read_copy(tuples: &[u8], types: &[Type]) -> Vec<Vec<Column>> {
 
 fn column(ty: &Type, raw: Option<&[u8]>) -> Column {
     fn read<'a, T: FromSql<'a>>(ty: &Type, raw: Option<&'a [u8]>) -> T {
-        T::from_sql_nullable(ty, raw).unwrap_or_else(|err| panic!("a {ty} field does not read back: {err}"))
+        T::from_sql_nullable(ty, raw)
+            .unwrap_or_else(|err| panic!("a {ty} field does not read back: {err}"))
     }
     match *ty {
         Type::TIMESTAMPTZ => {

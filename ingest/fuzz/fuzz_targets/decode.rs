@@ -19,7 +19,11 @@ fuzz_target!(|data: &[u8]| {
             for id in [&reading.device, &reading.house] {
                 assert!(id.len() <= MAX_NAME_BYTES && !id.contains('\0'), "{id:?}");
             }
-            assert!((MIN_TIME..MAX_TIME).contains(&reading.time), "{}", reading.time);
+            assert!(
+                (MIN_TIME..MAX_TIME).contains(&reading.time),
+                "{}",
+                reading.time
+            );
             let mut names = Vec::new();
             for sample in &reading.samples {
                 assert!(sample.value.is_finite(), "{sample:?}");

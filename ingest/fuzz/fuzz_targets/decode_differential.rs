@@ -58,7 +58,9 @@ fuzz_target!(|data: &[u8]| {
             for sample in &reading.samples {
                 let found = candidates(&sample.metric).into_iter().any(|value| {
                     number_of(value).is_some_and(|n| n == sample.value)
-                        || value.as_bool().is_some_and(|b| f64::from(u8::from(b)) == sample.value)
+                        || value
+                            .as_bool()
+                            .is_some_and(|b| f64::from(u8::from(b)) == sample.value)
                 });
                 assert!(found, "sample {sample:?} is not a value of the record");
             }
@@ -84,7 +86,11 @@ fuzz_target!(|data: &[u8]| {
 /// Whether `simd` and `reference` are the same JSON value; where not, the
 /// path of the first difference.
 fn same(simd: &Simd, reference: &Reference, path: &str) -> Result<(), String> {
-    let differ = || Err(format!("at {path}: simd-json {simd:?}, serde_json {reference}"));
+    let differ = || {
+        Err(format!(
+            "at {path}: simd-json {simd:?}, serde_json {reference}"
+        ))
+    };
     match (simd, reference) {
         (Simd::Static(StaticNode::Null), Reference::Null) => Ok(()),
         (Simd::Static(StaticNode::Bool(a)), Reference::Bool(b)) if a == b => Ok(()),

@@ -35,22 +35,42 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let origin = mapped.origin;
-    assert!(!origin.device.is_empty(), "{topic:?} mapped to an empty device");
-    for id in [Some(origin.device), origin.house, origin.ts, mapped.name].into_iter().flatten() {
-        assert!(topic.split('/').any(|level| level == id), "{id:?} is not a level of {topic:?}");
+    assert!(
+        !origin.device.is_empty(),
+        "{topic:?} mapped to an empty device"
+    );
+    for id in [Some(origin.device), origin.house, origin.ts, mapped.name]
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            topic.split('/').any(|level| level == id),
+            "{id:?} is not a level of {topic:?}"
+        );
     }
     let payload = match mapped.name {
         Some(name) => Payload::Value { name, raw: payload },
         None => Payload::Object(payload),
     };
-    let Ok(built) = record::build(origin, payload, ARRIVAL_MILLIS, Conflict::OriginWins, "topic")
-    else {
+    let Ok(built) = record::build(
+        origin,
+        payload,
+        ARRIVAL_MILLIS,
+        Conflict::OriginWins,
+        "topic",
+    ) else {
         return;
     };
     let json: serde_json::Value = serde_json::from_slice(&built).unwrap_or_else(|err| {
-        panic!("the record {:?} is not JSON: {err}", String::from_utf8_lossy(&built))
+        panic!(
+            "the record {:?} is not JSON: {err}",
+            String::from_utf8_lossy(&built)
+        )
     });
-    assert_eq!(json.get("device").and_then(|d| d.as_str()), Some(origin.device));
+    assert_eq!(
+        json.get("device").and_then(|d| d.as_str()),
+        Some(origin.device)
+    );
     if let Some(house) = origin.house {
         assert_eq!(json.get("house").and_then(|h| h.as_str()), Some(house));
     }
