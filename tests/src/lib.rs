@@ -4,6 +4,7 @@
 //! Nothing here mocks a service. A test that cannot reach one fails with a
 //! message saying how to start it (`dev/stack up`); it never passes by skipping.
 
+pub mod archive;
 pub mod consumer;
 pub mod failover;
 pub mod gateway;

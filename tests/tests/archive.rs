@@ -2,7 +2,6 @@
 //! server (Firehose delivers to S3 at once there) and Kinesis emulator.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,51 +44,6 @@ async fn provisioned(name: &str) -> ArchiveSpec {
     spec
 }
 
-/// Every line of every object in the bucket (gunzipped when gzip), counted.
-async fn archived_lines(bucket: &str) -> BTreeMap<Vec<u8>, usize> {
-    let shared = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let s3 = s3_client(&shared);
-    let mut lines = BTreeMap::new();
-    let mut token = None;
-    loop {
-        let page = s3
-            .list_objects_v2()
-            .bucket(bucket)
-            .set_continuation_token(token)
-            .send()
-            .await
-            .expect("list");
-        for object in page.contents() {
-            let key = object.key().expect("a key");
-            let body = s3
-                .get_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .expect("get")
-                .body
-                .collect()
-                .await;
-            let mut data = body.expect("body").into_bytes().to_vec();
-            if data.starts_with(&[0x1f, 0x8b]) {
-                let mut plain = Vec::new();
-                flate2::read::MultiGzDecoder::new(&data[..])
-                    .read_to_end(&mut plain)
-                    .expect("gzip");
-                data = plain;
-            }
-            for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                *lines.entry(line.to_vec()).or_default() += 1;
-            }
-        }
-        token = page.next_continuation_token().map(str::to_string);
-        if token.is_none() {
-            return lines;
-        }
-    }
-}
-
 /// What the archive should hold for `put`: each record once, newlines as spaces.
 fn expected_lines(put: &[(String, Bytes)]) -> BTreeMap<Vec<u8>, usize> {
     let mut lines = BTreeMap::new();
@@ -110,7 +64,7 @@ async fn wait_for_archive(
 ) -> BTreeMap<Vec<u8>, usize> {
     let deadline = Instant::now() + LAND_WITHIN;
     loop {
-        let lines = archived_lines(bucket).await;
+        let lines = tests::archive::archived_lines(bucket, None).await;
         if expected.keys().all(|line| lines.contains_key(line)) || Instant::now() > deadline {
             return lines;
         }

@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -1116,7 +1115,7 @@ async fn check(
         .collect();
 
     // The archive: every record read is there (a line each, newlines as spaces).
-    let archived = archived_lines(bucket, aws).await;
+    let archived = tests::archive::archived_lines(bucket, Some(aws)).await;
     checks.archive_missing = seen_records
         .iter()
         .filter(|data| {
@@ -1124,65 +1123,10 @@ async fn check(
                 .iter()
                 .map(|&b| if b == b'\n' { b' ' } else { b })
                 .collect();
-            !archived.contains(&line)
+            !archived.contains_key(&line)
         })
         .count();
     checks
-}
-
-/// Every line of every object in the bucket, gunzipped.
-async fn archived_lines(bucket: &str, endpoint: &str) -> BTreeSet<Vec<u8>> {
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .load()
-        .await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(true)
-            .build(),
-    );
-    let mut lines = BTreeSet::new();
-    let mut token = None;
-    loop {
-        let page = s3
-            .list_objects_v2()
-            .bucket(bucket)
-            .set_continuation_token(token)
-            .send()
-            .await
-            .expect("the archive's objects");
-        for object in page.contents() {
-            let body = s3
-                .get_object()
-                .bucket(bucket)
-                .key(object.key().expect("a key"))
-                .send()
-                .await
-                .expect("an archive object")
-                .body
-                .collect()
-                .await
-                .expect("its body")
-                .into_bytes();
-            let mut data = body.to_vec();
-            if data.starts_with(&[0x1f, 0x8b]) {
-                let mut plain = Vec::new();
-                flate2::read::MultiGzDecoder::new(&data[..])
-                    .read_to_end(&mut plain)
-                    .expect("gzip");
-                data = plain;
-            }
-            lines.extend(
-                data.split(|&b| b == b'\n')
-                    .filter(|l| !l.is_empty())
-                    .map(<[u8]>::to_vec),
-            );
-        }
-        token = page.next_continuation_token().map(str::to_string);
-        if token.is_none() {
-            return lines;
-        }
-    }
 }
 
 /// The summary: faults by kind with the longest time without commits after
