@@ -94,7 +94,10 @@ async fn aggregate_mismatches(client: &Client) -> Vec<String> {
         .collect()
 }
 
-/// Runs the TimescaleDB policy job `proc_name` now, in this session.
+/// Runs the TimescaleDB policy job `proc_name` now, in this session. The
+/// database's own scheduler starts the same job soon after the migration, so
+/// its schedule is paused first, and a run it already started is waited out
+/// (a second refresh of the same window is refused while one is running).
 async fn run_job(client: &Client, proc_name: &str, table: &str) {
     let job: i32 = client
         .query_one(
@@ -106,14 +109,21 @@ async fn run_job(client: &Client, proc_name: &str, table: &str) {
         .unwrap_or_else(|error| panic!("no {proc_name} job on {table}: {error}"))
         .get(0);
     client
-        .batch_execute(&format!("CALL run_job({job})"))
+        .execute("SELECT alter_job($1, scheduled => false)", &[&job])
         .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "{proc_name} ({job}) failed: {}",
-                ingest::db::describe(&error)
-            )
-        });
+        .unwrap_or_else(|error| panic!("pausing {proc_name} ({job}): {error}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let error = match client.batch_execute(&format!("CALL run_job({job})")).await {
+            Ok(()) => return,
+            Err(error) => ingest::db::describe(&error),
+        };
+        let scheduler_run_in_progress = error.contains("concurrent refresh");
+        if !scheduler_run_in_progress || std::time::Instant::now() > deadline {
+            panic!("{proc_name} ({job}) failed: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Brings `samples_1h` up to date the way production does: on TimescaleDB
