@@ -26,12 +26,20 @@
 //! down to the one it refuses alone, which is answered
 //! [`Outcome::Unputtable`]: never retried, never in the way of the others.
 //!
+//! Each device's records reach Kinesis in the order they came: a call holds
+//! at most one record per partition key, and a key's next record waits
+//! until the call holding the last one is settled (several calls are in
+//! flight at once, and Kinesis may take a later one first; a record
+//! retried goes first again). Without it, a device whose messages queued
+//! up (an MQTT session redelivering after a restart, a burst under load)
+//! found them out of order in its shard.
+//!
 //! With `aggregate`, each call's records are packed into KPL aggregates,
 //! one group per shard ([`aggregate`]), on a shard map read with
 //! ListShards; a record is answered only once the aggregate holding it was
 //! accepted, and an aggregate refused is retried, its records packed again.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -334,6 +342,9 @@ async fn run(
     // (halved until the record it refuses is alone).
     let mut isolating: VecDeque<Vec<Pending>> = VecDeque::new();
     let mut calls = FuturesUnordered::new();
+    // The partition keys of the records in calls in flight or being
+    // isolated: the next records of these keys wait (see the module doc).
+    let mut keys_in_flight: HashSet<String> = HashSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut pause_until: Option<Instant> = None;
     let mut last_error = String::from("no call has succeeded yet");
@@ -354,17 +365,42 @@ async fn run(
             // A part being isolated goes plain: the record Kinesis refuses
             // must end up alone in its call.
             let entries = match isolating.pop_front() {
-                Some(part) => take_call(&mut VecDeque::from(part), now, &last_error, None),
+                // Its keys were held since the refused call; they are
+                // distinct, so it goes whole (but for records expired).
+                Some(part) => {
+                    for held in &part {
+                        keys_in_flight.remove(&held.record.0);
+                    }
+                    take_call(
+                        &mut VecDeque::from(part),
+                        &HashSet::new(),
+                        now,
+                        &last_error,
+                        None,
+                    )
+                }
                 None => {
                     let map = shard_map
                         .as_ref()
                         .and_then(|map| map.updates.borrow().clone());
-                    take_call(&mut pending, now, &last_error, map.as_deref())
+                    let entries = take_call(
+                        &mut pending,
+                        &keys_in_flight,
+                        now,
+                        &last_error,
+                        map.as_deref(),
+                    );
+                    if entries.is_empty() {
+                        // What is left waits for its keys' calls to settle.
+                        break;
+                    }
+                    entries
                 }
             };
             if entries.is_empty() {
                 continue;
             }
+            keys_in_flight.extend(record_keys(&entries).map(str::to_owned));
             let source = source.clone();
             calls.push(async move {
                 let records: Vec<(String, Bytes)> =
@@ -385,7 +421,13 @@ async fn run(
         }
         tokio::select! {
             Some(done) = calls.next(), if !calls.is_empty() => {
+                for key in record_keys(&done.0) {
+                    keys_in_flight.remove(key);
+                }
                 let settled = settle(done, &health, &mut last_error, &mut dropped_log);
+                keys_in_flight.extend(
+                    settled.halves.iter().flatten().map(|part| part.record.0.clone()),
+                );
                 if settled.map_stale
                     && let Some(map) = &shard_map
                 {
@@ -421,29 +463,44 @@ async fn sleep_until(until: Option<Instant>) {
     }
 }
 
-/// Takes the oldest records that fit one call, answering those whose
-/// deadline passed (or whose submitter left) instead of sending them; with
-/// a shard map, packed into aggregates, else each put plain.
+/// The partition keys of the user records in `entries`.
+fn record_keys(entries: &[Entry]) -> impl Iterator<Item = &str> {
+    entries
+        .iter()
+        .flat_map(|entry| &entry.parts)
+        .map(|part| part.record.0.as_str())
+}
+
+/// Takes the oldest records that fit one call, at most one per partition
+/// key and none of a key in `busy` (those wait in their order), answering
+/// those whose deadline passed (or whose submitter left) instead of sending
+/// them; with a shard map, packed into aggregates, else each put plain.
 fn take_call(
     pending: &mut VecDeque<Pending>,
+    busy: &HashSet<String>,
     now: Instant,
     last_error: &str,
     map: Option<&ShardMap>,
 ) -> Vec<Entry> {
     let mut taken = Vec::new();
+    let mut taken_keys: HashSet<String> = HashSet::new();
+    let mut waiting = Vec::new();
     let mut packer = map.map(CallPacker::new);
     let mut bytes = 0;
-    while let Some(next) = pending.front() {
+    while let Some(next) = pending.pop_front() {
         if next.meta.reply.is_closed() || next.meta.deadline.is_some_and(|d| d <= now) {
-            let expired = pending.pop_front().expect("a front record");
-            let _ = expired.meta.reply.send(Outcome::Unavailable(format!(
+            let _ = next.meta.reply.send(Outcome::Unavailable(format!(
                 "Kinesis did not take the record in time ({last_error})"
             )));
-            metrics::counter!(m::GATEWAY_EXPIRED, "protocol" => expired.meta.protocol.label())
+            metrics::counter!(m::GATEWAY_EXPIRED, "protocol" => next.meta.protocol.label())
                 .increment(1);
             continue;
         }
         let (key, data) = &next.record;
+        if busy.contains(key) || taken_keys.contains(key) {
+            waiting.push(next);
+            continue;
+        }
         let fits = match &mut packer {
             Some(packer) => packer.add(key, data),
             None => {
@@ -455,9 +512,14 @@ fn take_call(
             }
         };
         if !fits {
+            pending.push_front(next);
             break;
         }
-        taken.push(pending.pop_front().expect("a front record"));
+        taken_keys.insert(key.clone());
+        taken.push(next);
+    }
+    for record in waiting.into_iter().rev() {
+        pending.push_front(record);
     }
     let Some(packer) = packer else {
         return taken.into_iter().map(Entry::plain).collect();
@@ -734,6 +796,44 @@ mod tests {
         let keys: Vec<&str> = settled.retry.iter().map(|p| p.record.0.as_str()).collect();
         assert_eq!(keys, ["a", "b", "c"]);
         assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
+    }
+
+    /// A device's records never share a call, nor go while a call with
+    /// its last one is in flight: calls in flight at once may be taken by
+    /// Kinesis in any order. What waits keeps its order.
+    #[test]
+    fn a_key_has_one_record_per_call_and_none_while_its_call_is_in_flight() {
+        let budget = Arc::new(Semaphore::new(100));
+        // The receivers stay: a record whose submitter left is not sent.
+        let (mut pending, _receivers): (VecDeque<Pending>, Vec<_>) =
+            ["x", "y", "x", "z", "y", "x", "w"]
+                .into_iter()
+                .map(|key| pending(key, &budget))
+                .unzip();
+        let keys = |entries: &[Entry]| -> Vec<String> {
+            record_keys(entries).map(str::to_owned).collect()
+        };
+        let left = |pending: &VecDeque<Pending>| -> Vec<String> {
+            pending.iter().map(|p| p.record.0.clone()).collect()
+        };
+        let now = Instant::now();
+        let busy: HashSet<String> = ["z".to_owned()].into();
+
+        let first = take_call(&mut pending, &busy, now, "", None);
+        assert_eq!(keys(&first), ["x", "y", "w"]);
+        assert_eq!(left(&pending), ["x", "z", "y", "x"]);
+
+        // While the first call is in flight, its keys wait too.
+        let mut busy = busy;
+        busy.extend(keys(&first));
+        let second = take_call(&mut pending, &busy, now, "", None);
+        assert!(second.is_empty(), "every key is busy: {:?}", keys(&second));
+        assert_eq!(left(&pending), ["x", "z", "y", "x"]);
+
+        // Once it is settled, the next of each key goes, one per key.
+        let third = take_call(&mut pending, &HashSet::new(), now, "", None);
+        assert_eq!(keys(&third), ["x", "z", "y"]);
+        assert_eq!(left(&pending), ["x"]);
     }
 
     #[test]

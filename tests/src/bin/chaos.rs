@@ -899,6 +899,8 @@ struct Checks {
     dead_letters: Vec<(String, i64)>,
     archive_missing: usize,
     order_violations: usize,
+    /// The first few steps back, described.
+    order_examples: Vec<String>,
     resent_after_restart: usize,
     undrained: Vec<String>,
     findings: Vec<String>,
@@ -1064,7 +1066,7 @@ async fn check(
         // next ones meanwhile and retransmitted it to the new gateway).
         if seen_in_shard.insert((read.shard.clone(), reading.device.clone(), reading.time)) {
             let latest = order
-                .entry((read.shard.clone(), reading.device))
+                .entry((read.shard.clone(), reading.device.clone()))
                 .or_insert(i64::MIN);
             if reading.time < *latest {
                 let resent = gateway_kills
@@ -1074,6 +1076,17 @@ async fn check(
                     checks.resent_after_restart += 1;
                 } else {
                     checks.order_violations += 1;
+                    if checks.order_examples.len() < 5 {
+                        checks.order_examples.push(format!(
+                            "{} in {}: reading of {} (sequence {}, arrived {}) after one of {}",
+                            reading.device,
+                            read.shard,
+                            reading.time,
+                            read.sequence,
+                            read.arrival_micros,
+                            *latest
+                        ));
+                    }
                 }
             }
             *latest = reading.time.max(*latest);
@@ -1186,9 +1199,9 @@ fn table(
     }
     let _ = writeln!(
         out,
-        "  faults in all: {} over {:.0}s",
+        "  faults in all: {} in the first {:.0}s of the run",
         injected.len(),
-        started.elapsed().as_secs_f64()
+        faults_over.duration_since(started).as_secs_f64()
     );
     for one in injected {
         let _ = writeln!(
@@ -1256,6 +1269,9 @@ fn table(
         "  per-device order within each shard: {} steps back ({} more were messages sent before a gateway kill and put after it)",
         checks.order_violations, checks.resent_after_restart
     );
+    for example in &checks.order_examples {
+        let _ = writeln!(out, "    step back: {example}");
+    }
     let _ = writeln!(
         out,
         "  shards drained: {}",
