@@ -87,6 +87,9 @@ pub const GATEWAY_RECORDS_PUT: &str = "ingest_gateway_records_put_total";
 /// Records answered "unavailable" because their deadline passed before a
 /// call took them. Labels: protocol.
 pub const GATEWAY_EXPIRED: &str = "ingest_gateway_records_expired_total";
+/// Records Kinesis took after failing an earlier record of the same key in
+/// the same call (a partial failure): ahead of that record in the shard.
+pub const GATEWAY_REORDERED: &str = "ingest_gateway_records_reordered_total";
 /// PutRecords calls. Labels: outcome (ok, partial, error, refused: a record
 /// Kinesis will not take, whose call is then sent again in halves).
 pub const GATEWAY_PUT_CALLS: &str = "ingest_gateway_put_calls_total";

@@ -26,20 +26,26 @@
 //! down to the one it refuses alone, which is answered
 //! [`Outcome::Unputtable`]: never retried, never in the way of the others.
 //!
-//! Each device's records reach Kinesis in the order they came: a call holds
-//! at most one record per partition key, and a key's next record waits
-//! until the call holding the last one is settled (several calls are in
-//! flight at once, and Kinesis may take a later one first; a record
-//! retried goes first again). Without it, a device whose messages queued
-//! up (an MQTT session redelivering after a restart, a burst under load)
-//! found them out of order in its shard.
+//! Each device's records reach Kinesis in the order they came: a key's
+//! records in a call keep their order (Kinesis numbers a shard's records
+//! in the order of the call), and a key's next records wait until the call
+//! holding its last ones is settled (several calls are in flight at once,
+//! and Kinesis may take a later one first; a record retried goes first
+//! again). Without it, a device whose messages queued up (an MQTT session
+//! redelivering after a restart, a burst under load) found them out of
+//! order in its shard. One case is left, as with any Kinesis producer:
+//! Kinesis fails one record of a call and takes a later record of the same
+//! key (a partial failure); that is counted in
+//! `ingest_gateway_records_reordered_total`. With `aggregate`, a key's
+//! records of a call are packed in order into its shard's aggregates, so
+//! it needs an aggregate failed and a later one of that shard taken.
 //!
 //! With `aggregate`, each call's records are packed into KPL aggregates,
 //! one group per shard ([`aggregate`]), on a shard map read with
 //! ListShards; a record is answered only once the aggregate holding it was
 //! accepted, and an aggregate refused is retried, its records packed again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -344,7 +350,9 @@ async fn run(
     let mut calls = FuturesUnordered::new();
     // The partition keys of the records in calls in flight or being
     // isolated: the next records of these keys wait (see the module doc).
-    let mut keys_in_flight: HashSet<String> = HashSet::new();
+    let mut held = KeyHolds::default();
+    // Parts being isolated go one call at a time, as they may share keys.
+    let mut isolating_in_flight = false;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut pause_until: Option<Instant> = None;
     let mut last_error = String::from("no call has succeeded yet");
@@ -364,43 +372,30 @@ async fn run(
         {
             // A part being isolated goes plain: the record Kinesis refuses
             // must end up alone in its call.
-            let entries = match isolating.pop_front() {
-                // Its keys were held since the refused call; they are
-                // distinct, so it goes whole (but for records expired).
-                Some(part) => {
-                    for held in &part {
-                        keys_in_flight.remove(&held.record.0);
-                    }
-                    take_call(
-                        &mut VecDeque::from(part),
-                        &HashSet::new(),
-                        now,
-                        &last_error,
-                        None,
-                    )
+            let isolated = !isolating.is_empty() && !isolating_in_flight;
+            let entries = if isolated {
+                // Its keys were held since the refused call: it goes whole
+                // (but for records expired), holding them in its call.
+                let part = isolating.pop_front().expect("not empty");
+                held.release(part.iter().map(|part| part.record.0.as_str()));
+                let mut part = VecDeque::from(part);
+                take_call(&mut part, &KeyHolds::default(), now, &last_error, None)
+            } else {
+                let map = shard_map
+                    .as_ref()
+                    .and_then(|map| map.updates.borrow().clone());
+                let entries = take_call(&mut pending, &held, now, &last_error, map.as_deref());
+                if entries.is_empty() {
+                    // What is left waits for its keys' calls to settle.
+                    break;
                 }
-                None => {
-                    let map = shard_map
-                        .as_ref()
-                        .and_then(|map| map.updates.borrow().clone());
-                    let entries = take_call(
-                        &mut pending,
-                        &keys_in_flight,
-                        now,
-                        &last_error,
-                        map.as_deref(),
-                    );
-                    if entries.is_empty() {
-                        // What is left waits for its keys' calls to settle.
-                        break;
-                    }
-                    entries
-                }
+                entries
             };
             if entries.is_empty() {
                 continue;
             }
-            keys_in_flight.extend(record_keys(&entries).map(str::to_owned));
+            held.hold(record_keys(&entries));
+            isolating_in_flight |= isolated;
             let source = source.clone();
             calls.push(async move {
                 let records: Vec<(String, Bytes)> =
@@ -410,7 +405,7 @@ async fn run(
                 metrics::histogram!(m::GATEWAY_PUT_SECONDS).record(started.elapsed().as_secs_f64());
                 let user_records: usize = entries.iter().map(|entry| entry.parts.len()).sum();
                 metrics::histogram!(m::GATEWAY_PUT_BATCH_RECORDS).record(user_records as f64);
-                (entries, result)
+                (isolated, (entries, result))
             });
         }
         metrics::gauge!(m::GATEWAY_QUEUE_RECORDS).set((pending.len() + rx.len()) as f64);
@@ -420,14 +415,11 @@ async fn run(
             return;
         }
         tokio::select! {
-            Some(done) = calls.next(), if !calls.is_empty() => {
-                for key in record_keys(&done.0) {
-                    keys_in_flight.remove(key);
-                }
+            Some((isolated, done)) = calls.next(), if !calls.is_empty() => {
+                isolating_in_flight &= !isolated;
+                held.release(record_keys(&done.0));
                 let settled = settle(done, &health, &mut last_error, &mut dropped_log);
-                keys_in_flight.extend(
-                    settled.halves.iter().flatten().map(|part| part.record.0.clone()),
-                );
+                held.hold(settled.halves.iter().flatten().map(|part| part.record.0.as_str()));
                 if settled.map_stale
                     && let Some(map) = &shard_map
                 {
@@ -471,19 +463,46 @@ fn record_keys(entries: &[Entry]) -> impl Iterator<Item = &str> {
         .map(|part| part.record.0.as_str())
 }
 
-/// Takes the oldest records that fit one call, at most one per partition
-/// key and none of a key in `busy` (those wait in their order), answering
+/// The partition keys of the records in calls in flight or being isolated,
+/// each counted once per record.
+#[derive(Debug, Default)]
+struct KeyHolds(HashMap<String, usize>);
+
+impl KeyHolds {
+    fn hold<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        for key in keys {
+            *self.0.entry(key.to_owned()).or_default() += 1;
+        }
+    }
+
+    fn release<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        for key in keys {
+            if let Some(count) = self.0.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.0.remove(key);
+                }
+            }
+        }
+    }
+
+    fn is_held(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+}
+
+/// Takes the oldest records that fit one call, in their order, but none of
+/// a key in `busy` (those wait in their order), answering
 /// those whose deadline passed (or whose submitter left) instead of sending
 /// them; with a shard map, packed into aggregates, else each put plain.
 fn take_call(
     pending: &mut VecDeque<Pending>,
-    busy: &HashSet<String>,
+    busy: &KeyHolds,
     now: Instant,
     last_error: &str,
     map: Option<&ShardMap>,
 ) -> Vec<Entry> {
     let mut taken = Vec::new();
-    let mut taken_keys: HashSet<String> = HashSet::new();
     let mut waiting = Vec::new();
     let mut packer = map.map(CallPacker::new);
     let mut bytes = 0;
@@ -497,7 +516,7 @@ fn take_call(
             continue;
         }
         let (key, data) = &next.record;
-        if busy.contains(key) || taken_keys.contains(key) {
+        if busy.is_held(key) {
             waiting.push(next);
             continue;
         }
@@ -515,7 +534,6 @@ fn take_call(
             pending.push_front(next);
             break;
         }
-        taken_keys.insert(key.clone());
         taken.push(next);
     }
     for record in waiting.into_iter().rev() {
@@ -548,6 +566,9 @@ struct Settled {
     halves: Vec<Vec<Pending>>,
     /// An aggregate landed on another shard than the map said.
     map_stale: bool,
+    /// Records taken after an earlier record of their key in the same
+    /// call failed.
+    reordered: usize,
 }
 
 /// Answers the records of a finished call that are done (stored, or refused
@@ -564,9 +585,26 @@ fn settle(
         Ok(results) => {
             health.reached();
             let mut first_failure: Option<SourceError> = None;
+            // Keys of records failed in this call: a later record of one
+            // that Kinesis took went before it (see the module doc).
+            let mut failed_keys: HashSet<String> = HashSet::new();
             for (entry, result) in entries.into_iter().zip(results) {
                 match result {
                     PutEntry::Accepted { shard_id, .. } => {
+                        let reordered = entry
+                            .parts
+                            .iter()
+                            .filter(|part| failed_keys.contains(&part.record.0))
+                            .count();
+                        if reordered > 0 {
+                            settled.reordered += reordered;
+                            metrics::counter!(m::GATEWAY_REORDERED).increment(reordered as u64);
+                            tracing::warn!(
+                                key = %entry.record.0,
+                                records = reordered,
+                                "Kinesis took records of a key after failing an earlier one of the same call: they are ahead of it in the shard"
+                            );
+                        }
                         let kind = match &entry.shard {
                             Some(predicted) => {
                                 settled.map_stale |= *predicted != shard_id;
@@ -583,6 +621,7 @@ fn settle(
                     }
                     PutEntry::Failed(err) => {
                         metrics::counter!(m::RETRIES, "cause" => err.cause()).increment(1);
+                        failed_keys.extend(entry.parts.iter().map(|part| part.record.0.clone()));
                         for part in entry.parts {
                             if err.is_retriable() || part.meta.deadline.is_none() {
                                 retry.push(part);
@@ -798,15 +837,15 @@ mod tests {
         assert!(receivers.iter_mut().all(|r| r.try_recv().is_err()));
     }
 
-    /// A device's records never share a call, nor go while a call with
-    /// its last one is in flight: calls in flight at once may be taken by
-    /// Kinesis in any order. What waits keeps its order.
+    /// A call takes a device's records in their order, but none while a
+    /// call with its earlier ones is in flight: calls in flight at once may
+    /// be taken by Kinesis in any order. What waits keeps its order.
     #[test]
-    fn a_key_has_one_record_per_call_and_none_while_its_call_is_in_flight() {
+    fn a_key_waits_while_a_call_with_its_records_is_in_flight() {
         let budget = Arc::new(Semaphore::new(100));
         // The receivers stay: a record whose submitter left is not sent.
         let (mut pending, _receivers): (VecDeque<Pending>, Vec<_>) =
-            ["x", "y", "x", "z", "y", "x", "w"]
+            ["x", "y", "x", "z", "y", "x", "w", "z"]
                 .into_iter()
                 .map(|key| pending(key, &budget))
                 .unzip();
@@ -817,23 +856,70 @@ mod tests {
             pending.iter().map(|p| p.record.0.clone()).collect()
         };
         let now = Instant::now();
-        let busy: HashSet<String> = ["z".to_owned()].into();
+        let mut held = KeyHolds::default();
+        held.hold(["z"].into_iter());
 
-        let first = take_call(&mut pending, &busy, now, "", None);
-        assert_eq!(keys(&first), ["x", "y", "w"]);
-        assert_eq!(left(&pending), ["x", "z", "y", "x"]);
+        let first = take_call(&mut pending, &held, now, "", None);
+        assert_eq!(keys(&first), ["x", "y", "x", "y", "x", "w"]);
+        assert_eq!(left(&pending), ["z", "z"]);
 
-        // While the first call is in flight, its keys wait too.
-        let mut busy = busy;
-        busy.extend(keys(&first));
-        let second = take_call(&mut pending, &busy, now, "", None);
+        // While the first call is in flight, its keys wait too; z is
+        // still held by another.
+        let (more, _more_receivers): (Vec<Pending>, Vec<_>) = ["w", "y"]
+            .into_iter()
+            .map(|key| tests::pending(key, &budget))
+            .unzip();
+        pending.extend(more);
+        held.hold(record_keys(&first));
+        let second = take_call(&mut pending, &held, now, "", None);
         assert!(second.is_empty(), "every key is busy: {:?}", keys(&second));
-        assert_eq!(left(&pending), ["x", "z", "y", "x"]);
+        assert_eq!(left(&pending), ["z", "z", "w", "y"]);
 
-        // Once it is settled, the next of each key goes, one per key.
-        let third = take_call(&mut pending, &HashSet::new(), now, "", None);
-        assert_eq!(keys(&third), ["x", "z", "y"]);
-        assert_eq!(left(&pending), ["x"]);
+        // Once z's call is settled, z goes; w and y wait for the first.
+        held.release(["z"].into_iter());
+        let third = take_call(&mut pending, &held, now, "", None);
+        assert_eq!(keys(&third), ["z", "z"]);
+        assert_eq!(left(&pending), ["w", "y"]);
+        held.release(record_keys(&first));
+        assert!(!held.is_held("x") && !held.is_held("w"));
+    }
+
+    /// Kinesis failing one record of a call and taking a later one of the
+    /// same key puts the later ahead: retried, and counted.
+    #[test]
+    fn a_later_record_taken_after_its_keys_failed_one_is_counted_reordered() {
+        let health = KinesisHealth::new(Arc::new(Readiness::default()));
+        let budget = Arc::new(Semaphore::new(100));
+        let (parts, _receivers): (Vec<Pending>, Vec<_>) = ["a", "b", "a", "b"]
+            .into_iter()
+            .map(|key| pending(key, &budget))
+            .unzip();
+        let throttled = || {
+            PutEntry::Failed(SourceError::Throttled {
+                call: Call {
+                    operation: "PutRecords",
+                    stream: "s".into(),
+                    shard: None,
+                },
+                detail: "ProvisionedThroughputExceededException".into(),
+            })
+        };
+        let accepted = || PutEntry::Accepted {
+            shard_id: "shardId-000000000000".into(),
+            sequence_number: "1".into(),
+        };
+        let entries: Vec<Entry> = parts.into_iter().map(Entry::plain).collect();
+        let results = vec![throttled(), accepted(), accepted(), throttled()];
+        let settled = settle(
+            (entries, Ok(results)),
+            &health,
+            &mut String::new(),
+            &mut RateLimitedLog::new(Duration::from_secs(10)),
+        );
+        let retried: Vec<&str> = settled.retry.iter().map(|p| p.record.0.as_str()).collect();
+        assert_eq!(retried, ["a", "b"]);
+        // The second "a" went ahead of the first; the second "b" failed too.
+        assert_eq!(settled.reordered, 1);
     }
 
     #[test]
