@@ -8,13 +8,28 @@ use ingest::archive::provision::s3_client;
 /// Every line of every object in `bucket` (gunzipped when gzip), counted.
 /// `endpoint`: S3 somewhere else than the environment says (AWS_ENDPOINT_URL).
 pub async fn archived_lines(bucket: &str, endpoint: Option<&str>) -> BTreeMap<Vec<u8>, usize> {
+    let mut lines = BTreeMap::new();
+    for_each_archived_line(bucket, endpoint, |line| {
+        *lines.entry(line.to_vec()).or_default() += 1;
+    })
+    .await;
+    lines
+}
+
+/// Calls `each` with every line of every object in `bucket` (gunzipped
+/// when gzip), one object in memory at a time: for archives too large to
+/// hold (a long chaos run).
+pub async fn for_each_archived_line(
+    bucket: &str,
+    endpoint: Option<&str>,
+    mut each: impl FnMut(&[u8]),
+) {
     let mut config = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(endpoint) = endpoint {
         config = config.endpoint_url(endpoint);
     }
     let shared = config.load().await;
     let s3 = s3_client(&shared);
-    let mut lines = BTreeMap::new();
     let mut token = None;
     loop {
         let page = s3
@@ -45,12 +60,12 @@ pub async fn archived_lines(bucket: &str, endpoint: Option<&str>) -> BTreeMap<Ve
                 data = plain;
             }
             for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                *lines.entry(line.to_vec()).or_default() += 1;
+                each(line);
             }
         }
         token = page.next_continuation_token().map(str::to_string);
         if token.is_none() {
-            return lines;
+            return;
         }
     }
 }

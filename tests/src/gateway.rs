@@ -333,6 +333,29 @@ pub async fn mosquitto_pub(topic: &str, payload: &str, qos: u8) {
     );
 }
 
+/// Ends the persistent MQTT session of `client_id` in the stack's broker
+/// (a gateway that will not come back): `mosquitto_sub` connects under that
+/// id with a clean session, which discards the old one and what it queued,
+/// and leaves at once. Otherwise the broker keeps queueing for it.
+pub fn end_mqtt_session(client_id: &str) {
+    let url = std::env::var("INGEST_MQTT_URL")
+        .unwrap_or_else(|_| panic!("INGEST_MQTT_URL is not set: {START_HINT}"));
+    let address = url.trim_start_matches("mqtt://");
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let output = Command::new("mosquitto_sub")
+        .args(["-h", host, "-p", port, "-i", client_id])
+        .args(["-t", "ingest/session-end", "-E", "-W", "10"])
+        .output()
+        .unwrap_or_else(|error| {
+            panic!("cannot run mosquitto_sub (mosquitto-clients, from dev/stack up): {error}")
+        });
+    assert!(
+        output.status.success(),
+        "mosquitto_sub ending the session of {client_id} failed: {}; {START_HINT}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Runs the real `mosquitto_pub` against the stack's broker with `args`
 /// (topic, QoS, `-f file`, `-l` ...) and `stdin`; returns its output (its
 /// status is for the caller to judge: a broker may refuse a message).

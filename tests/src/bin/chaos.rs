@@ -21,7 +21,7 @@
 //! against the stream; each device's order within each shard; every shard
 //! drained. Then a table; exit 0 only when every check passed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use ingest::decode::{DecodeLimits, Decoder};
 use ingest::source::kinesis::{Fetched, KinesisSource, ReaderOptions, StartPosition};
+use md5::Digest;
 use tests::failover::{ConsulDns, PgServer, Scratch};
 use tests::proxy::TcpProxy;
 
@@ -672,8 +673,12 @@ async fn run(args: Args) -> ExitCode {
     let gateway_port = tests::free_port();
     let client_id = format!("chaos-gateway-{}", std::process::id());
     let mqtt_url = env("INGEST_MQTT_URL");
-    let (gateway_stream, gateway_ingest, gateway_mqtt) =
-        (stream.clone(), ingest.clone(), mqtt_url.clone());
+    let (gateway_stream, gateway_ingest, gateway_mqtt, gateway_client_id) = (
+        stream.clone(),
+        ingest.clone(),
+        mqtt_url.clone(),
+        client_id.clone(),
+    );
     let mut gateway = Service::new("gateway", &run_dir, &pids, move || {
         let mut command = Command::new(&gateway_ingest);
         command
@@ -685,7 +690,7 @@ async fn run(args: Args) -> ExitCode {
                 "--mqtt-topic",
                 "devices/+/telemetry",
             ])
-            .args(["--mqtt-client-id", &client_id])
+            .args(["--mqtt-client-id", &gateway_client_id])
             .args(["--metrics-addr", &format!("127.0.0.1:{gateway_port}")])
             .env("RUST_LOG", "info");
         command
@@ -862,6 +867,10 @@ async fn run(args: Args) -> ExitCode {
         .collect();
     let mut checks = check(&pipeline, &report_file, &bucket, &aws, &gateway_kills).await;
     checks.findings = pipeline.findings.clone();
+    // The run's gateway is done: its session must not queue on in the
+    // stack's broker.
+    pipeline.gateway.kill();
+    tests::gateway::end_mqtt_session(&client_id);
     stop_monitor.store(true, Ordering::SeqCst);
     let _ = monitor_thread.join();
     let table = table(
@@ -923,19 +932,121 @@ impl Checks {
     }
 }
 
-/// One user record of the stream, where it was read.
-struct Read {
-    shard: String,
-    sequence: String,
-    /// When Kinesis took it, epoch microseconds.
-    arrival_micros: i64,
-    data: bytes::Bytes,
+/// Short ids for the names the check meets (shards, houses, devices,
+/// metrics), so that the keys of millions of readings fit in memory.
+#[derive(Default)]
+struct Names(HashMap<String, u32>);
+
+impl Names {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.0.get(name) {
+            return id;
+        }
+        let id = self.0.len() as u32;
+        self.0.insert(name.to_owned(), id);
+        id
+    }
+
+    fn get(&self, name: &str) -> Option<u32> {
+        self.0.get(name).copied()
+    }
+}
+
+/// What the stream, read to its end, says the database and the archive
+/// must hold: kept as ids and digests, not records, so that a long run's
+/// tens of millions of readings fit in memory.
+#[derive(Default)]
+struct StreamFacts {
+    names: Names,
+    /// The MD5 of each distinct record as an archive line (newlines as
+    /// spaces): records that differ only there count as one.
+    distinct: HashSet<[u8; 16]>,
+    /// Each sample a distinct record carries: (house, device, metric, time).
+    expected: HashSet<(u32, u32, u32, i64)>,
+    /// Each shard's last sequence number.
+    last_of: BTreeMap<String, String>,
+    /// Each device's latest reading time so far, per shard.
+    latest: HashMap<(u32, u32), i64>,
+    /// (shard, device, time) seen: a copy is not a step back.
+    seen_in_shard: HashSet<(u32, u32, i64)>,
+}
+
+/// The archive line of a record: the record with newlines as spaces.
+fn archive_line(data: &[u8]) -> Vec<u8> {
+    data.iter()
+        .map(|&b| if b == b'\n' { b' ' } else { b })
+        .collect()
+}
+
+fn digest(line: &[u8]) -> [u8; 16] {
+    md5::Md5::digest(line).into()
+}
+
+impl StreamFacts {
+    /// Takes in one user record read from `shard`.
+    fn observe(
+        &mut self,
+        shard: &str,
+        record: &ingest::source::kinesis::Record,
+        decoder: &mut Decoder,
+        gateway_kills: &[i64],
+        checks: &mut Checks,
+    ) {
+        checks.stream_records += 1;
+        self.last_of
+            .insert(shard.to_owned(), record.sequence_number.clone());
+        if !self.distinct.insert(digest(&archive_line(&record.data))) {
+            checks.stream_duplicates += 1;
+        }
+        let Ok(reading) = decoder.decode(&record.data, ingest::decode::now_micros()) else {
+            return;
+        };
+        let house = self.names.id(&reading.house);
+        let device = self.names.id(&reading.device);
+        for sample in &reading.samples {
+            let metric = self.names.id(&sample.metric);
+            self.expected.insert((house, device, metric, reading.time));
+        }
+        // Each device's readings in time order within a shard. Not a step
+        // back: a record put twice (its first copy counts), and a message
+        // sent before a gateway kill and put after it (its device sent the
+        // next ones meanwhile and retransmitted it to the new gateway).
+        let shard_id = self.names.id(shard);
+        if !self.seen_in_shard.insert((shard_id, device, reading.time)) {
+            return;
+        }
+        let latest = self.latest.entry((shard_id, device)).or_insert(i64::MIN);
+        if reading.time < *latest {
+            let resent = gateway_kills
+                .iter()
+                .any(|&kill| reading.time <= kill && kill <= record.arrival_micros);
+            if resent {
+                checks.resent_after_restart += 1;
+            } else {
+                checks.order_violations += 1;
+                if checks.order_examples.len() < 5 {
+                    checks.order_examples.push(format!(
+                        "{} in {shard}: reading of {} (sequence {}, arrived {}) after one of {}",
+                        reading.device,
+                        reading.time,
+                        record.sequence_number,
+                        record.arrival_micros,
+                        *latest
+                    ));
+                }
+            }
+        }
+        *latest = reading.time.max(*latest);
+    }
 }
 
 /// Every record of every shard, KPL aggregates taken apart, read from the
-/// start to the end of closed shards and until open ones are quiet.
-async fn read_whole_stream(source: &KinesisSource) -> Vec<Read> {
-    let mut all = Vec::new();
+/// start to the end of closed shards and until open ones are quiet, each
+/// handed to `each` with its shard as it comes.
+async fn read_whole_stream(
+    source: &KinesisSource,
+    mut each: impl FnMut(&str, &ingest::source::kinesis::Record),
+) {
     for shard in source.list_shards().await.expect("the shards") {
         let mut reader = source
             .shard_reader(
@@ -948,12 +1059,7 @@ async fn read_whole_stream(source: &KinesisSource) -> Vec<Read> {
             match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
                 Ok(Ok(Fetched::Records { records, .. })) => {
                     for record in tests::gateway::user_records(records) {
-                        all.push(Read {
-                            shard: shard.shard_id.clone(),
-                            sequence: record.sequence_number,
-                            arrival_micros: record.arrival_micros,
-                            data: record.data,
-                        });
+                        each(&shard.shard_id, &record);
                     }
                 }
                 Ok(Ok(Fetched::EndOfShard)) | Err(_) => break,
@@ -961,7 +1067,6 @@ async fn read_whole_stream(source: &KinesisSource) -> Vec<Read> {
             }
         }
     }
-    all
 }
 
 async fn check(
@@ -1002,15 +1107,15 @@ async fn check(
     }
 
     // The stream, read independently.
-    let reads = read_whole_stream(&pipeline.source).await;
-    checks.stream_records = reads.len();
-    let client = tests::connect(&pipeline.database.writable_url()).await;
+    let mut facts = StreamFacts::default();
+    let mut decoder = Decoder::new(DecodeLimits::default());
+    read_whole_stream(&pipeline.source, |shard, record| {
+        facts.observe(shard, record, &mut decoder, gateway_kills, &mut checks);
+    })
+    .await;
+    let mut client = tests::connect(&pipeline.database.writable_url()).await;
 
     // Every shard drained: each lease's checkpoint at its shard's last record.
-    let mut last_of: BTreeMap<&str, &str> = BTreeMap::new();
-    for read in &reads {
-        last_of.insert(&read.shard, &read.sequence);
-    }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let rows = client
@@ -1024,14 +1129,14 @@ async fn check(
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
-        checks.undrained = last_of
+        checks.undrained = facts
+            .last_of
             .iter()
             .filter(|(shard, last)| {
-                !at.get(**shard).is_some_and(|(checkpoint, ended)| {
-                    *ended || checkpoint.as_deref() == Some(**last)
-                })
+                !at.get(*shard)
+                    .is_some_and(|(checkpoint, ended)| *ended || checkpoint.as_ref() == Some(*last))
             })
-            .map(|(shard, _)| (*shard).to_string())
+            .map(|(shard, _)| shard.clone())
             .collect();
         if checks.undrained.is_empty() || Instant::now() > deadline {
             break;
@@ -1039,83 +1144,51 @@ async fn check(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    // The database against the stream: each distinct record's samples once.
-    let mut decoder = Decoder::new(DecodeLimits::default());
-    let mut expected: BTreeSet<(String, String, String, i64)> = BTreeSet::new();
-    let mut seen_records = BTreeSet::new();
-    let mut order: HashMap<(String, String), i64> = HashMap::new();
-    let mut seen_in_shard: BTreeSet<(String, String, i64)> = BTreeSet::new();
-    for read in &reads {
-        if !seen_records.insert(read.data.clone()) {
-            checks.stream_duplicates += 1;
-        }
-        let Ok(reading) = decoder.decode(&read.data, ingest::decode::now_micros()) else {
-            continue;
-        };
-        for sample in &reading.samples {
-            expected.insert((
-                reading.house.clone(),
-                reading.device.clone(),
-                sample.metric.clone(),
-                reading.time,
-            ));
-        }
-        // Each device's readings in time order within a shard. Not a step
-        // back: a record put twice (its first copy counts), and a message
-        // sent before a gateway kill and put after it (its device sent the
-        // next ones meanwhile and retransmitted it to the new gateway).
-        if seen_in_shard.insert((read.shard.clone(), reading.device.clone(), reading.time)) {
-            let latest = order
-                .entry((read.shard.clone(), reading.device.clone()))
-                .or_insert(i64::MIN);
-            if reading.time < *latest {
-                let resent = gateway_kills
-                    .iter()
-                    .any(|&kill| reading.time <= kill && kill <= read.arrival_micros);
-                if resent {
-                    checks.resent_after_restart += 1;
-                } else {
-                    checks.order_violations += 1;
-                    if checks.order_examples.len() < 5 {
-                        checks.order_examples.push(format!(
-                            "{} in {}: reading of {} (sequence {}, arrived {}) after one of {}",
-                            reading.device,
-                            read.shard,
-                            reading.time,
-                            read.sequence,
-                            read.arrival_micros,
-                            *latest
-                        ));
-                    }
-                }
-            }
-            *latest = reading.time.max(*latest);
-        }
-    }
-    checks.expected_rows = expected.len();
-    let rows = client
-        .query(
-            "SELECT s.house, s.device, s.metric, \
+    // The database against the stream: each distinct record's samples
+    // once, and nothing else. Read through a cursor, a slice at a time.
+    checks.expected_rows = facts.expected.len();
+    let mut unseen = std::mem::take(&mut facts.expected);
+    let transaction = client.transaction().await.expect("a transaction");
+    transaction
+        .batch_execute(
+            "DECLARE samples NO SCROLL CURSOR FOR \
+             SELECT s.house, s.device, s.metric, \
                     (extract(epoch FROM x.time) * 1000000)::int8, count(*) \
              FROM telemetry.samples x JOIN telemetry.series s USING (series_id) \
              GROUP BY 1, 2, 3, 4",
-            &[],
         )
         .await
         .expect("the samples");
-    let mut found = BTreeSet::new();
-    for row in &rows {
-        let key = (
-            row.get::<_, String>(0),
-            row.get(1),
-            row.get(2),
-            row.get::<_, i64>(3),
-        );
-        checks.doubled_rows += row.get::<_, i64>(4) - 1;
-        found.insert(key);
+    loop {
+        let rows = transaction
+            .query("FETCH 100000 FROM samples", &[])
+            .await
+            .expect("the samples");
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let key = (
+                facts.names.get(row.get(0)),
+                facts.names.get(row.get(1)),
+                facts.names.get(row.get(2)),
+                row.get::<_, i64>(3),
+            );
+            checks.doubled_rows += row.get::<_, i64>(4) - 1;
+            let found = match key {
+                (Some(house), Some(device), Some(metric), time) => {
+                    unseen.remove(&(house, device, metric, time))
+                }
+                _ => false,
+            };
+            if !found {
+                checks.extra_rows += 1;
+            }
+        }
     }
-    checks.missing_rows = expected.difference(&found).count();
-    checks.extra_rows = found.difference(&expected).count();
+    transaction.commit().await.expect("the samples read");
+    checks.missing_rows = unseen.len();
+    drop(unseen);
     checks.dead_letters = client
         .query(
             "SELECT reason_kind, count(*) FROM ingest.dead_letters GROUP BY 1 ORDER BY 1",
@@ -1128,17 +1201,12 @@ async fn check(
         .collect();
 
     // The archive: every record read is there (a line each, newlines as spaces).
-    let archived = tests::archive::archived_lines(bucket, Some(aws)).await;
-    checks.archive_missing = seen_records
-        .iter()
-        .filter(|data| {
-            let line: Vec<u8> = data
-                .iter()
-                .map(|&b| if b == b'\n' { b' ' } else { b })
-                .collect();
-            !archived.contains_key(&line)
-        })
-        .count();
+    let mut unarchived = std::mem::take(&mut facts.distinct);
+    tests::archive::for_each_archived_line(bucket, Some(aws), |line| {
+        unarchived.remove(&digest(line));
+    })
+    .await;
+    checks.archive_missing = unarchived.len();
     checks
 }
 
