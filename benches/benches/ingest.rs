@@ -217,6 +217,7 @@ async fn all_read(client: &Client, stream: &str, last: &[String]) -> bool {
 /// `ingest consume`'s defaults, reading `stream` from the stand-in.
 fn consumer_config(database: &DatabaseConfig, stand_in: &StandIn, stream: &str) -> ConsumerConfig {
     ConsumerConfig {
+        fanout_consumer: None,
         stream: stream.to_owned(),
         kinesis_endpoint: Some(stand_in.url.clone()),
         worker_id: format!("{stream}-worker"),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use ingest::batch::FlushPolicy;
@@ -15,6 +15,15 @@ use ingest::decode::DecodeLimits;
 use ingest::source::kinesis::{ReaderOptions, StartPosition};
 
 use super::{ConfigFile, DatabaseArgs};
+
+/// How a worker reads its shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReadMode {
+    /// GetRecords, paced within the shard's read quota.
+    Poll,
+    /// Enhanced fan-out: SubscribeToShard as a registered consumer.
+    Efo,
+}
 
 /// Read the shards of a Kinesis stream and load them into the database, exactly
 /// once, sharing the shards with every other consumer of the stream.
@@ -63,6 +72,16 @@ pub struct ConsumeArgs {
     /// GetRecords results queued per writer before shards stop polling.
     #[arg(long, env = "INGEST_QUEUE_CHUNKS", default_value_t = 8)]
     queue_chunks: usize,
+    /// How shards are read: poll (GetRecords, 5 calls/s per shard shared
+    /// by every consumer of the stream) or efo (enhanced fan-out: records
+    /// pushed over SubscribeToShard, 2 MB/s per shard of its own; on AWS,
+    /// billed per consumer-shard hour).
+    #[arg(long, env = "INGEST_READ_MODE", value_enum, default_value_t = ReadMode::Poll)]
+    read_mode: ReadMode,
+    /// The enhanced fan-out consumer every worker of this fleet registers
+    /// and reads as (with --read-mode efo).
+    #[arg(long, env = "INGEST_EFO_CONSUMER_NAME", default_value = "ingest")]
+    efo_consumer_name: String,
     /// Records asked for per GetRecords call (at most 10000).
     #[arg(long, env = "INGEST_RECORDS_PER_CALL", default_value_t = 10_000)]
     records_per_call: i32,
@@ -183,6 +202,10 @@ impl ConsumeArgs {
             reader: ReaderOptions {
                 max_records_per_call: self.records_per_call,
                 ..ReaderOptions::default()
+            },
+            fanout_consumer: match self.read_mode {
+                ReadMode::Poll => None,
+                ReadMode::Efo => Some(self.efo_consumer_name),
             },
             series_cache_size: positive("--series-cache-size", self.series_cache_size)?,
             max_new_series_per_device: Some(self.max_new_series_per_device)

@@ -28,6 +28,9 @@ pub struct ConsumerConfig {
     /// Chunks (GetRecords results) queued per writer before shard tasks stop polling.
     pub queue_chunks: usize,
     pub reader: ReaderOptions,
+    /// Read through enhanced fan-out as this registered consumer (every
+    /// worker registers the same name); None: poll with GetRecords.
+    pub fanout_consumer: Option<String>,
     /// Series ids each writer remembers (least recently used forgotten first).
     pub series_cache_size: usize,
     /// New series one device may create per hour; records beyond it become

@@ -76,6 +76,8 @@ struct Coordinator {
     source: KinesisSource,
     /// The stream the leases are keyed by; checked at every shard sync.
     identity: StreamIdentity,
+    /// The enhanced fan-out consumer's ARN; None: shards are polled.
+    fanout_consumer: Option<String>,
     /// Set when the stream was found created again: the worker stops.
     recreated: bool,
     store: LeaseStore,
@@ -186,6 +188,14 @@ async fn start(
         None => KinesisSource::from_env(&config.stream).await?,
     };
     let identity = stream_identity(&source).await?;
+    let fanout_consumer = match &config.fanout_consumer {
+        Some(name) => {
+            let arn = source.register_consumer(name).await?;
+            tracing::info!(consumer = %arn, "reading through enhanced fan-out");
+            Some(arn)
+        }
+        None => None,
+    };
     let archive = match &config.archive_delivery_stream {
         Some(name) => Some(Archive::from_env(name).await?),
         None => None,
@@ -279,6 +289,7 @@ async fn start(
         config,
         source,
         identity,
+        fanout_consumer,
         recreated: false,
         store,
         database: lease_database,
@@ -473,6 +484,7 @@ impl Coordinator {
             shard_id: lease.shard_id.clone(),
             lease_counter: lease.counter,
             source: self.source.clone(),
+            fanout_consumer: self.fanout_consumer.clone(),
             start,
             committed,
             options: self.config.reader.clone(),

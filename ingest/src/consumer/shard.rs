@@ -11,7 +11,10 @@ use super::chunk::{Chunk, Committed, decode_records};
 use crate::archive::Archive;
 use crate::decode::{Decoder, TimeWindow, now_micros};
 use crate::metrics as m;
-use crate::source::kinesis::{Fetched, KinesisSource, ReaderOptions, ShardReader, StartPosition};
+use crate::source::kinesis::{
+    FanoutReader, Fetched, KinesisSource, ReaderOptions, RetryCounts, ShardReader, SourceError,
+    StartPosition,
+};
 
 /// What a shard task tells the coordinator when it stops by itself.
 #[derive(Debug)]
@@ -26,6 +29,8 @@ pub struct ShardTask {
     pub shard_id: String,
     pub lease_counter: i64,
     pub source: KinesisSource,
+    /// Read through enhanced fan-out as this consumer (ARN); None: poll.
+    pub fanout_consumer: Option<String>,
     /// Where reading starts: after the checkpoint, at it (inside a KPL
     /// aggregate), or the start position.
     pub start: StartPosition,
@@ -45,10 +50,18 @@ pub struct ShardTask {
 
 impl ShardTask {
     pub async fn run(mut self) -> ShardStopped {
-        let reader = self
-            .source
-            .shard_reader(&self.shard_id, self.start.clone(), self.options.clone())
-            .await;
+        let reader = match &self.fanout_consumer {
+            Some(consumer) => Reader::Fanout(Box::new(self.source.fanout_reader(
+                consumer,
+                &self.shard_id,
+                self.start.clone(),
+            ))),
+            None => Reader::Poll(Box::new(
+                self.source
+                    .shard_reader(&self.shard_id, self.start.clone(), self.options.clone())
+                    .await,
+            )),
+        };
         let error = self.read(reader).await.err();
         if let Some(error) = &error {
             tracing::error!(shard = %self.shard_id, %error, "stopped reading the shard");
@@ -60,7 +73,7 @@ impl ShardTask {
         }
     }
 
-    async fn read(&mut self, mut reader: ShardReader) -> Result<(), String> {
+    async fn read(&mut self, mut reader: Reader) -> Result<(), String> {
         let mut retries_reported = HashMap::new();
         loop {
             let fetched = tokio::select! {
@@ -127,9 +140,32 @@ impl ShardTask {
     }
 }
 
+/// A shard polled or subscribed to: the same records either way. (Boxed:
+/// the two differ much in size.)
+enum Reader {
+    Poll(Box<ShardReader>),
+    Fanout(Box<FanoutReader>),
+}
+
+impl Reader {
+    async fn next(&mut self) -> Result<Fetched, SourceError> {
+        match self {
+            Reader::Poll(reader) => reader.next().await,
+            Reader::Fanout(reader) => reader.next().await,
+        }
+    }
+
+    fn retries(&self) -> &RetryCounts {
+        match self {
+            Reader::Poll(reader) => reader.retries(),
+            Reader::Fanout(reader) => reader.retries(),
+        }
+    }
+}
+
 /// Adds the reader's retries since the last report to `ingest_retries_total`
 /// (the reader keeps running totals per cause).
-fn report_retries(reader: &ShardReader, reported: &mut HashMap<&'static str, u64>) {
+fn report_retries(reader: &Reader, reported: &mut HashMap<&'static str, u64>) {
     for (cause, total) in reader.retries().snapshot() {
         let before = reported.insert(cause, total).unwrap_or(0);
         if total > before {

@@ -77,6 +77,9 @@ by_code_only!(
     aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError,
     aws_sdk_kinesis::operation::split_shard::SplitShardError,
     aws_sdk_kinesis::operation::merge_shards::MergeShardsError,
+    aws_sdk_kinesis::operation::register_stream_consumer::RegisterStreamConsumerError,
+    aws_sdk_kinesis::operation::describe_stream_consumer::DescribeStreamConsumerError,
+    aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardError,
 );
 
 /// The kind of a Kinesis error code (the `__type` on the wire), for the codes

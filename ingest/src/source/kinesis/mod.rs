@@ -18,6 +18,9 @@
 //! - `record.rs`: the plain values ([`Record`], [`ShardInfo`], ...).
 //! - `error.rs`, `classify.rs`: [`SourceError`], and which SDK errors map to
 //!   which of its kinds (retriable or not).
+//! - `fanout.rs`: enhanced fan-out: a registered consumer and
+//!   [`FanoutReader`], which subscribes to a shard (SubscribeToShard) instead
+//!   of polling it.
 //! - `retry.rs`: the retry loop and its counters; delays come from the
 //!   crate's [`Backoff`](crate::backoff::Backoff).
 //!
@@ -29,6 +32,7 @@ mod attempt;
 mod classify;
 mod client;
 mod error;
+mod fanout;
 mod provision;
 mod put;
 mod reader;
@@ -38,6 +42,7 @@ mod retry;
 pub use attempt::PutEntry;
 pub use client::KinesisSource;
 pub use error::{Call, SourceError};
+pub use fanout::{FanoutReader, SUBSCRIPTION_LIFETIME};
 pub use provision::{EnsuredStream, StreamCapacity, StreamDescription};
 pub use put::{MAX_BYTES_PER_PUT, MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_RECORDS_PER_PUT};
 pub use reader::{ReaderOptions, ShardReader};
