@@ -485,6 +485,10 @@ fn the_values_schema_refuses_wrong_values_with_helms_message() {
             json!({"database": {"tls": "verify-ca"}}),
             "at '/database/tls'",
         ),
+        (
+            json!({"consumer": {"readMode": "fanout"}}),
+            "at '/consumer/readMode'",
+        ),
     ];
     for (values, message) in cases {
         let path = values_file(&dir, &values);
