@@ -302,18 +302,25 @@ pub async fn coap_client(args: &[&str]) -> String {
     )
 }
 
-/// Runs the real `mosquitto_pub` against the stack's broker.
-pub async fn mosquitto_pub(topic: &str, payload: &str, qos: u8) {
+/// The stack's broker (INGEST_MQTT_URL) as (host, port), for the
+/// Mosquitto command-line clients.
+fn mqtt_host_port() -> (String, String) {
     let url = std::env::var("INGEST_MQTT_URL")
         .unwrap_or_else(|_| panic!("INGEST_MQTT_URL is not set: {START_HINT}"));
     let address = url.trim_start_matches("mqtt://");
     let (host, port) = address.rsplit_once(':').expect("host:port");
+    (host.to_owned(), port.to_owned())
+}
+
+/// Runs the real `mosquitto_pub` against the stack's broker.
+pub async fn mosquitto_pub(topic: &str, payload: &str, qos: u8) {
+    let (host, port) = mqtt_host_port();
     let output = tokio::process::Command::new("mosquitto_pub")
         .args([
             "-h",
-            host,
+            &host,
             "-p",
-            port,
+            &port,
             "-q",
             &qos.to_string(),
             "-t",
@@ -338,12 +345,9 @@ pub async fn mosquitto_pub(topic: &str, payload: &str, qos: u8) {
 /// id with a clean session, which discards the old one and what it queued,
 /// and leaves at once. Otherwise the broker keeps queueing for it.
 pub fn end_mqtt_session(client_id: &str) {
-    let url = std::env::var("INGEST_MQTT_URL")
-        .unwrap_or_else(|_| panic!("INGEST_MQTT_URL is not set: {START_HINT}"));
-    let address = url.trim_start_matches("mqtt://");
-    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let (host, port) = mqtt_host_port();
     let output = Command::new("mosquitto_sub")
-        .args(["-h", host, "-p", port, "-i", client_id])
+        .args(["-h", &host, "-p", &port, "-i", client_id])
         .args(["-t", "ingest/session-end", "-E", "-W", "10"])
         .output()
         .unwrap_or_else(|error| {
@@ -361,12 +365,9 @@ pub fn end_mqtt_session(client_id: &str) {
 /// status is for the caller to judge: a broker may refuse a message).
 pub async fn mosquitto_pub_with(args: &[&str], stdin: &[u8]) -> std::process::Output {
     use tokio::io::AsyncWriteExt;
-    let url = std::env::var("INGEST_MQTT_URL")
-        .unwrap_or_else(|_| panic!("INGEST_MQTT_URL is not set: {START_HINT}"));
-    let address = url.trim_start_matches("mqtt://");
-    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let (host, port) = mqtt_host_port();
     let mut child = tokio::process::Command::new("mosquitto_pub")
-        .args(["-h", host, "-p", port])
+        .args(["-h", &host, "-p", &port])
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -25,13 +25,14 @@ use aws_sdk_kinesis::types::{
     ConsumerStatus, ShardIteratorType, StartingPosition, SubscribeToShardEventStream,
 };
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::classify::{from_sdk, kind_of_code};
 use super::client::KinesisSource;
 use super::error::{Kind, SourceError};
+use super::reader::resume_point;
 use super::record::{Fetched, StartPosition, from_sdk_record};
-use super::retry::{RetryCounts, kinesis_backoff};
+use super::retry::{RetryCounts, kinesis_backoff, wait_before_retry};
 use crate::backoff::Backoff;
 
 /// Kinesis ends a subscription after 5 minutes; the reader ends its own
@@ -250,10 +251,7 @@ impl FanoutReader {
                 return Ok(Fetched::EndOfShard);
             }
             let Some((events, ends_at)) = &mut self.subscription else {
-                let resume = match &self.last_sequence {
-                    Some(sequence) => StartPosition::AfterSequence(sequence.clone()),
-                    None => self.start.clone(),
-                };
+                let resume = resume_point(&self.start, self.last_sequence.as_deref());
                 match self
                     .source
                     .subscribe(&self.consumer_arn, &self.shard_id, &resume)
@@ -322,10 +320,7 @@ impl FanoutReader {
     /// never sends the child shards (kinesis-mock). Any error: not known,
     /// so not ended (asked again later).
     async fn read_to_end(&self) -> bool {
-        let resume = match &self.last_sequence {
-            Some(sequence) => StartPosition::AfterSequence(sequence.clone()),
-            None => self.start.clone(),
-        };
+        let resume = resume_point(&self.start, self.last_sequence.as_deref());
         let Ok(iterator) = self.source.shard_iterator(&self.shard_id, &resume).await else {
             return false;
         };
@@ -341,17 +336,8 @@ impl FanoutReader {
         if !err.is_retriable() {
             return Err(err);
         }
-        self.retries.record(&err);
-        let delay = self.backoff.next_delay();
-        warn!(
-            stream = %self.source.stream(),
-            shard = %self.shard_id,
-            cause = err.cause(),
-            retry_in_ms = delay.as_millis() as u64,
-            error = %err,
-            "Kinesis subscription failed, subscribing again"
-        );
-        tokio::time::sleep(delay).await;
+        let shard = (self.source.stream(), self.shard_id.as_str());
+        wait_before_retry(&self.retries, &mut self.backoff, shard, &err).await;
         Ok(())
     }
 

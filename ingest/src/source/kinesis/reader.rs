@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::client::KinesisSource;
 use super::error::SourceError;
 use super::record::{Fetched, StartPosition, from_sdk_record};
-use super::retry::{RetryCounts, kinesis_backoff};
+use super::retry::{RetryCounts, kinesis_backoff, wait_before_retry};
 use crate::backoff::Backoff;
 
 /// The most records one GetRecords call may return (a Kinesis limit).
@@ -202,17 +202,8 @@ impl ShardReader {
         if needs_new_iterator(&err) {
             self.position = Position::NeedIterator;
         }
-        self.retries.record(&err);
-        let delay = self.backoff.next_delay();
-        warn!(
-            stream = %self.source.stream(),
-            shard = %self.shard_id,
-            cause = err.cause(),
-            retry_in_ms = delay.as_millis() as u64,
-            error = %err,
-            "Kinesis read failed, retrying"
-        );
-        tokio::time::sleep(delay).await;
+        let shard = (self.source.stream(), self.shard_id.as_str());
+        wait_before_retry(&self.retries, &mut self.backoff, shard, &err).await;
         Ok(())
     }
 
@@ -239,7 +230,7 @@ impl ShardReader {
 /// For [`StartPosition::Latest`] with nothing returned yet, that is "latest"
 /// again at the time of the new iterator; nothing was returned, so the
 /// reader still starts at some "now", as asked.
-fn resume_point(start: &StartPosition, last_sequence: Option<&str>) -> StartPosition {
+pub(super) fn resume_point(start: &StartPosition, last_sequence: Option<&str>) -> StartPosition {
     match last_sequence {
         Some(sequence) => StartPosition::AfterSequence(sequence.to_owned()),
         None => start.clone(),

@@ -24,6 +24,28 @@ pub(crate) fn kinesis_backoff() -> Backoff {
     Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY)
 }
 
+/// A shard reader's wait before it tries again after `err` (retriable):
+/// counted in `retries`, logged with its cause, then the backoff's delay.
+/// `shard`: (stream, shard id), for the log.
+pub(crate) async fn wait_before_retry(
+    retries: &RetryCounts,
+    backoff: &mut Backoff,
+    (stream, shard): (&str, &str),
+    err: &SourceError,
+) {
+    retries.record(err);
+    let delay = backoff.next_delay();
+    warn!(
+        stream,
+        shard,
+        cause = err.cause(),
+        retry_in_ms = delay.as_millis() as u64,
+        error = %err,
+        "Kinesis read failed, retrying"
+    );
+    tokio::time::sleep(delay).await;
+}
+
 /// How many calls were retried, by cause ([`SourceError::cause`]).
 ///
 /// Kept by every [`ShardReader`](super::ShardReader) and
