@@ -9,6 +9,7 @@ use std::fmt;
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError;
 
 use super::error::{Call, Kind, SourceError};
 
@@ -53,6 +54,26 @@ impl TypedKind for GetShardIteratorError {
             Self::InvalidArgumentException(_) | Self::DryRunOperationException(_) => {
                 Kind::InvalidArgument
             }
+            _ => return None,
+        })
+    }
+}
+
+/// An error event inside SubscribeToShard's event stream: named by its
+/// event's exception type, which is all an emulator may send (kinesis-mock
+/// puts no error code in the payload).
+impl TypedKind for SubscribeToShardEventStreamError {
+    fn typed_kind(&self) -> Option<Kind> {
+        Some(match self {
+            Self::ResourceInUseException(_) => Kind::ResourceInUse,
+            Self::ResourceNotFoundException(_) => Kind::NotFound,
+            Self::InternalFailureException(_) => Kind::ServiceUnavailable,
+            Self::KmsThrottlingException(_) => Kind::KmsThrottled,
+            Self::KmsAccessDeniedException(_)
+            | Self::KmsDisabledException(_)
+            | Self::KmsInvalidStateException(_)
+            | Self::KmsNotFoundException(_)
+            | Self::KmsOptInRequired(_) => Kind::Kms,
             _ => return None,
         })
     }

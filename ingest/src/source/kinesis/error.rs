@@ -256,7 +256,7 @@ impl Kind {
 }
 
 impl SourceError {
-    fn kind(&self) -> Kind {
+    pub(crate) fn kind(&self) -> Kind {
         match self {
             SourceError::Throttled { .. } => Kind::Throttled,
             SourceError::KmsThrottled { .. } => Kind::KmsThrottled,

@@ -13,7 +13,6 @@
 //! caught-up reader also asks every 10 s, with one GetRecords after its
 //! last record, whether the shard ended.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
@@ -27,12 +26,12 @@ use aws_sdk_kinesis::types::{
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::classify::{from_sdk, kind_of_code};
-use super::client::KinesisSource;
+use super::classify::{TypedKind, from_sdk, kind_of_code};
+use super::client::{CONTROL_PLANE_RETRIES, KinesisSource};
 use super::error::{Kind, SourceError};
 use super::reader::resume_point;
 use super::record::{Fetched, StartPosition, from_sdk_record};
-use super::retry::{RetryCounts, kinesis_backoff, wait_before_retry};
+use super::retry::{Patience, RetryCounts, kinesis_backoff, retrying, wait_before_retry};
 use crate::backoff::Backoff;
 
 /// Kinesis ends a subscription after 5 minutes; the reader ends its own
@@ -51,50 +50,94 @@ type Events = EventReceiver<SubscribeToShardEventStream, SubscribeToShardEventSt
 impl KinesisSource {
     /// Registers `name` as an enhanced fan-out consumer of the stream, or
     /// finds it registered already (every worker registers the same name),
-    /// and waits until it is ACTIVE; returns its ARN.
+    /// and waits until it is ACTIVE; returns its ARN. Each call is retried
+    /// through throttling (RegisterStreamConsumer allows 5 a second per
+    /// account, shared by a whole fleet starting at once) and network
+    /// errors; a consumer being deleted is registered again once it is gone.
     pub async fn register_consumer(&self, name: &str) -> Result<String, SourceError> {
         let stream_arn = self.stream_arn().await?;
-        let call = || self.call("RegisterStreamConsumer", None);
-        let registered = self
-            .client()
-            .register_stream_consumer()
-            .stream_arn(&stream_arn)
-            .consumer_name(name)
-            .send()
-            .await;
-        match registered {
-            Ok(_) => debug!(consumer = name, "registered the fan-out consumer"),
-            Err(err) if is_resource_in_use(&err) => {
-                debug!(
-                    consumer = name,
-                    "the fan-out consumer is registered already"
-                )
-            }
-            Err(err) => return Err(from_sdk(call(), err)),
-        }
         let deadline = Instant::now() + REGISTER_WITHIN;
+        let mut registered = false;
         loop {
-            let described = self
-                .client()
-                .describe_stream_consumer()
-                .stream_arn(&stream_arn)
-                .consumer_name(name)
-                .send()
-                .await
-                .map_err(|err| from_sdk(self.call("DescribeStreamConsumer", None), err))?;
-            let consumer = described.consumer_description;
-            if let Some(consumer) = consumer
-                && consumer.consumer_status == ConsumerStatus::Active
-            {
-                return Ok(consumer.consumer_arn);
+            if !registered {
+                self.register_once(&stream_arn, name).await?;
+                registered = true;
+            }
+            match self.consumer_status(&stream_arn, name).await? {
+                Some((ConsumerStatus::Active, arn)) => return Ok(arn),
+                // Gone, or going: register it again once it is gone.
+                None | Some((ConsumerStatus::Deleting, _)) => registered = false,
+                Some(_) => {}
             }
             if Instant::now() > deadline {
                 return Err(Kind::Unexpected.at(
-                    call(),
+                    self.call("RegisterStreamConsumer", None),
                     format!("the consumer {name} is not ACTIVE after {REGISTER_WITHIN:?}"),
                 ));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// RegisterStreamConsumer, retried; a consumer of that name existing
+    /// already (ResourceInUse) is success.
+    async fn register_once(&self, stream_arn: &str, name: &str) -> Result<(), SourceError> {
+        retrying(
+            self.retries(),
+            Patience::Retries(CONTROL_PLANE_RETRIES),
+            || async {
+                match self
+                    .client()
+                    .register_stream_consumer()
+                    .stream_arn(stream_arn)
+                    .consumer_name(name)
+                    .send()
+                    .await
+                {
+                    Ok(_) => debug!(consumer = name, "registered the fan-out consumer"),
+                    Err(err) if is_resource_in_use(&err) => {
+                        debug!(
+                            consumer = name,
+                            "the fan-out consumer is registered already"
+                        )
+                    }
+                    Err(err) => {
+                        return Err(from_sdk(self.call("RegisterStreamConsumer", None), err));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// The consumer's status and ARN (DescribeStreamConsumer, retried), or
+    /// `None` when no consumer of that name is registered.
+    async fn consumer_status(
+        &self,
+        stream_arn: &str,
+        name: &str,
+    ) -> Result<Option<(ConsumerStatus, String)>, SourceError> {
+        let described = retrying(
+            self.retries(),
+            Patience::Retries(CONTROL_PLANE_RETRIES),
+            || async {
+                self.client()
+                    .describe_stream_consumer()
+                    .stream_arn(stream_arn)
+                    .consumer_name(name)
+                    .send()
+                    .await
+                    .map_err(|err| from_sdk(self.call("DescribeStreamConsumer", None), err))
+            },
+        )
+        .await;
+        match described {
+            Ok(described) => Ok(described
+                .consumer_description
+                .map(|consumer| (consumer.consumer_status, consumer.consumer_arn))),
+            Err(err) if err.kind() == Kind::NotFound => Ok(None),
+            Err(err) => Err(err),
         }
     }
 
@@ -103,13 +146,19 @@ impl KinesisSource {
         if let (None, Some(arn)) = self.stream_name_or_arn() {
             return Ok(arn);
         }
-        let summary = self
-            .client()
-            .describe_stream_summary()
-            .stream_name(self.stream())
-            .send()
-            .await
-            .map_err(|err| from_sdk(self.call("DescribeStreamSummary", None), err))?;
+        let summary = retrying(
+            self.retries(),
+            Patience::Retries(CONTROL_PLANE_RETRIES),
+            || async {
+                self.client()
+                    .describe_stream_summary()
+                    .stream_name(self.stream())
+                    .send()
+                    .await
+                    .map_err(|err| from_sdk(self.call("DescribeStreamSummary", None), err))
+            },
+        )
+        .await?;
         summary
             .stream_description_summary
             .map(|summary| summary.stream_arn)
@@ -189,20 +238,25 @@ fn is_resource_in_use<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool 
         .is_some_and(|code| code == "ResourceInUseException")
 }
 
-/// Converts an error of an open event stream: an error event by its code,
-/// anything else (the connection cut, a frame that does not parse) a
-/// network error, worth subscribing again for.
-fn from_event_error<E, R>(call: super::error::Call, err: SdkError<E, R>) -> SourceError
+/// Converts an error of an open event stream: an error event by its type,
+/// then its code (an unknown one: the service's trouble, worth subscribing
+/// again for); anything else (the connection cut, a frame that does not
+/// parse) a network error.
+fn from_event_error<R>(
+    call: super::error::Call,
+    err: SdkError<SubscribeToShardEventStreamError, R>,
+) -> SourceError
 where
-    E: ProvideErrorMetadata + StdError + 'static,
     R: fmt::Debug,
 {
     let kind = match &err {
-        SdkError::ServiceError(service) => service
-            .err()
-            .code()
-            .and_then(kind_of_code)
-            .unwrap_or(Kind::ServiceUnavailable),
+        SdkError::ServiceError(service) => {
+            let error = service.err();
+            error
+                .typed_kind()
+                .or_else(|| error.code().and_then(kind_of_code))
+                .unwrap_or(Kind::ServiceUnavailable)
+        }
         _ => Kind::Network,
     };
     let detail = aws_sdk_kinesis::error::DisplayErrorContext(&err).to_string();
@@ -344,5 +398,54 @@ impl FanoutReader {
     /// Retries of this reader's calls, by cause: for a retries metric.
     pub fn retries(&self) -> &RetryCounts {
         &self.retries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_kinesis::error::ErrorMetadata;
+    use aws_sdk_kinesis::types::error as modelled;
+
+    use super::*;
+    use crate::source::kinesis::error::Call;
+
+    fn call() -> Call {
+        Call {
+            operation: "SubscribeToShard",
+            stream: "telemetry".into(),
+            shard: Some("shardId-000000000001".into()),
+        }
+    }
+
+    fn cause(error: SubscribeToShardEventStreamError) -> &'static str {
+        from_event_error(call(), SdkError::service_error(error, ())).cause()
+    }
+
+    #[test]
+    fn an_error_event_is_known_by_its_type_when_it_has_no_code() {
+        // kinesis-mock's answer while another subscription to the shard is
+        // still open: the event's type, and no code in its payload.
+        let in_use = SubscribeToShardEventStreamError::ResourceInUseException(
+            modelled::ResourceInUseException::builder().build(),
+        );
+        assert_eq!(cause(in_use), "resource_in_use");
+        let not_found = SubscribeToShardEventStreamError::ResourceNotFoundException(
+            modelled::ResourceNotFoundException::builder().build(),
+        );
+        assert_eq!(cause(not_found), "not_found");
+    }
+
+    #[test]
+    fn an_unknown_error_event_is_known_by_its_code_or_else_worth_retrying() {
+        let throttled = SubscribeToShardEventStreamError::generic(
+            ErrorMetadata::builder()
+                .code("LimitExceededException")
+                .build(),
+        );
+        assert_eq!(cause(throttled), "limit_exceeded");
+        let unknown = SubscribeToShardEventStreamError::generic(ErrorMetadata::builder().build());
+        let err = from_event_error(call(), SdkError::service_error(unknown, ()));
+        assert_eq!(err.cause(), "service_unavailable");
+        assert!(err.is_retriable());
     }
 }
