@@ -379,7 +379,15 @@ async fn a_failed_put_count_larger_than_the_batch_resends_only_the_failed_entry(
     let db = TestDb::migrated("archive_overcount").await;
     let (stream, source) = create_stream("archive-overcount", 1).await;
     let (firehose, accepted) = firehose_overcounting_failures().await;
-    let put = records(5, 50, base_ts());
+    // Lines are packed into Firehose records of up to 1,000 KiB: 250
+    // records padded to 5 KB (JSON whitespace) make a call of 2 entries.
+    let put: Vec<(String, Bytes)> = records(5, 250, base_ts())
+        .into_iter()
+        .map(|(key, data)| {
+            let padded = [&data[..1], &[b' '; 5_000][..], &data[1..]].concat();
+            (key, Bytes::from(padded))
+        })
+        .collect();
     source.put_records(&put).await.unwrap();
     let mut worker = ConsumerProcess::start_with_env(
         &db.url,
@@ -394,11 +402,18 @@ async fn a_failed_put_count_larger_than_the_batch_resends_only_the_failed_entry(
         put.len() as i64,
         "rows land"
     );
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() >= 2,
+        "one call's entries, the failed one resent: {} entries accepted",
+        accepted.len()
+    );
     let mut lines = BTreeMap::new();
-    for line in accepted.lock().unwrap().iter() {
-        *lines
-            .entry(line.strip_suffix(b"\n").unwrap_or(line).to_vec())
-            .or_default() += 1;
+    for entry in accepted.iter() {
+        assert!(entry.ends_with(b"\n"), "an entry holds whole lines");
+        for line in entry[..entry.len() - 1].split(|&b| b == b'\n') {
+            *lines.entry(line.to_vec()).or_default() += 1;
+        }
     }
     assert_eq!(lines, expected_lines(&put), "each record accepted once");
     assert!(worker.is_running(), "the worker exited");

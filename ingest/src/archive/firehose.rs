@@ -1,5 +1,11 @@
 //! `PutRecordBatch` to a Firehose delivery stream, chunked to Firehose's
 //! limits, retrying failed entries until all are accepted.
+//!
+//! Lines are packed into Firehose records of up to 1,000 KiB: Firehose
+//! writes records to S3 back to back, so the objects hold the same lines
+//! either way, but it bills each record as at least 5 KB and a call takes
+//! at most 500 records, so one 150-byte reading per record would cost 30
+//! times as much and take many more calls.
 
 use std::time::Duration;
 
@@ -96,21 +102,22 @@ impl Archive {
             }
             lines.push(line(record));
         }
-        for chunk in chunks(&lines) {
+        let packed = pack(&lines);
+        for chunk in chunks(&packed) {
             self.put_chunk(chunk).await;
         }
     }
 
-    /// One call's worth of lines, until every one is accepted.
-    async fn put_chunk(&self, lines: &[Bytes]) {
-        let mut pending: Vec<Bytes> = lines.to_vec();
+    /// One call's worth of packed records, until every one is accepted.
+    async fn put_chunk(&self, records: &[Packed]) {
+        let mut pending: Vec<Packed> = records.to_vec();
         let mut backoff = Backoff::default();
         while !pending.is_empty() {
             let entries: Vec<Record> = pending
                 .iter()
-                .map(|data| {
+                .map(|packed| {
                     Record::builder()
-                        .data(Blob::new(data.to_vec()))
+                        .data(Blob::new(packed.data.to_vec()))
                         .build()
                         .expect("data is set")
                 })
@@ -128,18 +135,18 @@ impl Archive {
                     let errors: Vec<Option<&str>> =
                         responses.iter().map(|r| r.error_code()).collect();
                     let failed = failed_entries(pending.len(), output.failed_put_count(), &errors);
-                    let mut accepted_bytes = 0;
+                    let (mut accepted_lines, mut accepted_bytes) = (0, 0);
                     let mut index = 0;
-                    pending.retain(|data| {
+                    pending.retain(|packed| {
                         let keep = failed[index];
                         index += 1;
                         if !keep {
-                            accepted_bytes += data.len();
+                            accepted_lines += packed.lines;
+                            accepted_bytes += packed.data.len();
                         }
                         keep
                     });
-                    let accepted = failed.len() - pending.len();
-                    metrics::counter!(m::ARCHIVE_RECORDS).increment(accepted as u64);
+                    metrics::counter!(m::ARCHIVE_RECORDS).increment(accepted_lines as u64);
                     metrics::counter!(m::ARCHIVE_BYTES).increment(accepted_bytes as u64);
                     if pending.is_empty() {
                         return;
@@ -164,6 +171,43 @@ impl Archive {
     }
 }
 
+/// One Firehose record: whole lines, back to back.
+#[derive(Debug, Clone, PartialEq)]
+struct Packed {
+    data: Bytes,
+    /// The lines (user records) in it.
+    lines: usize,
+}
+
+/// `lines` packed in order into records of at most [`MAX_RECORD_BYTES`]
+/// (each line fits in one: longer ones were left out before).
+fn pack(lines: &[Bytes]) -> Vec<Packed> {
+    let mut packed = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    let mut close = |start: usize, end: usize, bytes: usize| {
+        let mut data = Vec::with_capacity(bytes);
+        for line in &lines[start..end] {
+            data.extend_from_slice(line);
+        }
+        packed.push(Packed {
+            data: Bytes::from(data),
+            lines: end - start,
+        });
+    };
+    for (i, line) in lines.iter().enumerate() {
+        if i > start && bytes + line.len() > MAX_RECORD_BYTES {
+            close(start, i, bytes);
+            (start, bytes) = (i, 0);
+        }
+        bytes += line.len();
+    }
+    if start < lines.len() {
+        close(start, lines.len(), bytes);
+    }
+    packed
+}
+
 /// Which of the `sent` entries failed, from PutRecordBatch's answer. The
 /// per-record responses decide, in order, one per entry sent: they name each
 /// failure, while `FailedPutCount` is only a total (and one that disagrees
@@ -186,21 +230,20 @@ fn line(record: &Bytes) -> Bytes {
     Bytes::from(line)
 }
 
-/// `lines` cut into runs within Firehose's per-call limits.
-fn chunks(lines: &[Bytes]) -> Vec<&[Bytes]> {
+/// `records` cut into runs within Firehose's per-call limits.
+fn chunks(records: &[Packed]) -> Vec<&[Packed]> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (i, line) in lines.iter().enumerate() {
-        if i > start
-            && (i - start == MAX_RECORDS_PER_CALL || bytes + line.len() > MAX_BYTES_PER_CALL)
-        {
-            chunks.push(&lines[start..i]);
+    for (i, record) in records.iter().enumerate() {
+        let len = record.data.len();
+        if i > start && (i - start == MAX_RECORDS_PER_CALL || bytes + len > MAX_BYTES_PER_CALL) {
+            chunks.push(&records[start..i]);
             (start, bytes) = (i, 0);
         }
-        bytes += line.len();
+        bytes += len;
     }
-    if start < lines.len() {
-        chunks.push(&lines[start..]);
+    if start < records.len() {
+        chunks.push(&records[start..]);
     }
     chunks
 }
@@ -238,12 +281,54 @@ mod tests {
     }
 
     #[test]
+    fn lines_are_packed_whole_and_in_order_within_the_record_limit() {
+        let lines: Vec<Bytes> = (0..3_000)
+            .map(|i| Bytes::from(format!("{{\"n\":{i}}}\n")))
+            .collect();
+        let packed = pack(&lines);
+        assert_eq!(packed.len(), 1, "30 KB is one record");
+        assert_eq!(packed[0].lines, 3_000);
+        assert_eq!(packed[0].data, lines.concat());
+
+        // 600 KB lines: one per record, since two would pass 1,000 KiB.
+        let big: Vec<Bytes> = (0..3).map(|_| Bytes::from(vec![b'x'; 600_000])).collect();
+        let packed = pack(&big);
+        assert_eq!(
+            packed.iter().map(|p| p.lines).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        // A record fills up to exactly the limit, and no further.
+        let exact = vec![
+            Bytes::from(vec![b'a'; MAX_RECORD_BYTES - 10]),
+            Bytes::from(vec![b'b'; 10]),
+            Bytes::from(vec![b'c'; 1]),
+        ];
+        let packed = pack(&exact);
+        assert_eq!(packed.iter().map(|p| p.lines).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(packed[0].data.len(), MAX_RECORD_BYTES);
+        assert_eq!(
+            packed
+                .iter()
+                .map(|p| p.data.clone())
+                .collect::<Vec<_>>()
+                .concat(),
+            exact.concat(),
+            "the same bytes in the same order"
+        );
+        assert!(pack(&[]).is_empty());
+    }
+
+    #[test]
     fn chunks_keep_to_the_record_and_byte_limits() {
-        let small: Vec<Bytes> = (0..1_201).map(|_| Bytes::from_static(b"x\n")).collect();
+        let record = |len: usize| Packed {
+            data: Bytes::from(vec![b'x'; len]),
+            lines: 1,
+        };
+        let small: Vec<Packed> = (0..1_201).map(|_| record(2)).collect();
         let sizes: Vec<usize> = chunks(&small).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, [500, 500, 201]);
 
-        let big: Vec<Bytes> = (0..9).map(|_| Bytes::from(vec![b'x'; 1_000_000])).collect();
+        let big: Vec<Packed> = (0..9).map(|_| record(1_000_000)).collect();
         let sizes: Vec<usize> = chunks(&big).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, [4, 4, 1], "4 MB per call at most");
         assert!(chunks(&[]).is_empty());
