@@ -9,6 +9,7 @@
 use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use super::SinkError;
 use crate::batch::{SealedSegment, copy};
@@ -37,6 +38,10 @@ pub enum Outcome {
 }
 
 /// Writes `segments` in one transaction as worker `owner` of `stream`.
+///
+/// Its statements give their parameter types (`query_typed`), so each is
+/// one round trip, not a prepare and an execute: with writers busy on every
+/// core each round trip waits to be scheduled, and a batch has few to spare.
 pub async fn write_batch(
     client: &mut Client,
     stream: &str,
@@ -105,7 +110,7 @@ pub(super) async fn move_checkpoints(
     let ended: Vec<bool> = segments.iter().map(|s| s.ended).collect();
     let behind: Vec<Option<i64>> = segments.iter().map(|s| s.millis_behind_latest).collect();
     let moved = transaction
-        .query(
+        .query_typed(
             "UPDATE ingest.shard_leases l
              SET checkpoint = coalesce(v.seq, l.checkpoint),
                  checkpoint_sub = CASE WHEN v.seq IS NULL THEN l.checkpoint_sub ELSE v.sub END,
@@ -126,7 +131,14 @@ pub(super) async fn move_checkpoints(
                      < (v.seq::numeric, coalesce(v.sub, 9223372036854775807)))
              RETURNING l.shard_id",
             &[
-                &stream, &owner, &shard_ids, &counters, &sequences, &ended, &behind, &subs,
+                (&stream, Type::TEXT),
+                (&owner, Type::TEXT),
+                (&shard_ids, Type::TEXT_ARRAY),
+                (&counters, Type::INT8_ARRAY),
+                (&sequences, Type::TEXT_ARRAY),
+                (&ended, Type::BOOL_ARRAY),
+                (&behind, Type::INT8_ARRAY),
+                (&subs, Type::INT8_ARRAY),
             ],
         )
         .await
@@ -160,9 +172,9 @@ pub(super) async fn check_series(
         return Ok(());
     }
     let found: i64 = transaction
-        .query_one(
+        .query_typed_one(
             "SELECT count(*) FROM telemetry.series WHERE series_id = ANY($1)",
-            &[&ids],
+            &[(&ids, Type::INT4_ARRAY)],
         )
         .await
         .map_err(SinkError::during("checking the batch's series"))?
