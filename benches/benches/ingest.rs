@@ -49,7 +49,7 @@ const ROWS: usize = RECORDS * records::METRICS.len();
 /// The consumer's writers (its default `--writers`), and the raw COPYs at once.
 const WRITERS: usize = 2;
 /// Pairs for the side-by-side ratio.
-const PAIRS: usize = 5;
+const PAIRS: usize = 15;
 
 const COPY_SAMPLES: &str =
     "COPY telemetry.samples (time, series_id, value) FROM STDIN (FORMAT binary)";
