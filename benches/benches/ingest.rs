@@ -43,7 +43,7 @@ use ingest::source::kinesis::{ReaderOptions, StartPosition};
 /// Shards of the stream.
 const SHARDS: usize = 4;
 /// Records in each shard; each record is four rows.
-const RECORDS_PER_SHARD: usize = 50_000;
+const RECORDS_PER_SHARD: usize = 100_000;
 const RECORDS: usize = SHARDS * RECORDS_PER_SHARD;
 const ROWS: usize = RECORDS * records::METRICS.len();
 /// The consumer's writers (its default `--writers`), and the raw COPYs at once.
