@@ -96,8 +96,11 @@ async fn aggregate_mismatches(client: &Client) -> Vec<String> {
 
 /// Runs the TimescaleDB policy job `proc_name` now, in this session. The
 /// database's own scheduler starts the same job soon after the migration, so
-/// its schedule is paused first, and a run it already started is waited out
-/// (a second refresh of the same window is refused while one is running).
+/// its schedule is paused first, and a run it already started is waited out:
+/// a second refresh of the same window is refused while one is running, and
+/// a compression that finds its chunk compressed under it by the
+/// scheduler's run fails ("already compressed"). Run again, the job finds
+/// its work done; a failure of its own repeats until the deadline.
 async fn run_job(client: &Client, proc_name: &str, table: &str) {
     let job: i32 = client
         .query_one(
@@ -118,7 +121,8 @@ async fn run_job(client: &Client, proc_name: &str, table: &str) {
             Ok(()) => return,
             Err(error) => ingest::db::describe(&error),
         };
-        let scheduler_run_in_progress = error.contains("concurrent refresh");
+        let scheduler_run_in_progress =
+            error.contains("concurrent refresh") || error.contains("columnstore policy failure");
         if !scheduler_run_in_progress || std::time::Instant::now() > deadline {
             panic!("{proc_name} ({job}) failed: {error}");
         }
