@@ -4,7 +4,7 @@
 //! Lines are packed into Firehose records of up to 1,000 KiB: Firehose
 //! writes records to S3 back to back, so the objects hold the same lines
 //! either way, but it bills each record as at least 5 KB and a call takes
-//! at most 500 records, so one 150-byte reading per record would cost 30
+//! at most 500 records, so one 150-byte message per record would cost 30
 //! times as much and take many more calls.
 
 use std::time::Duration;
