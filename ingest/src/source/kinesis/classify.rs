@@ -170,15 +170,20 @@ where
         SdkError::DispatchFailure(_) => Kind::Network,
         // An unparseable answer is most often a connection cut mid-response.
         SdkError::ResponseError(_) => Kind::Network,
-        SdkError::ServiceError(service) => {
-            let error = service.err();
-            error
-                .typed_kind()
-                .or_else(|| error.code().and_then(kind_of_code))
-                .unwrap_or_else(|| kind_of_status(service.raw().status_code()))
-        }
+        SdkError::ServiceError(service) => kind_of_service_error(service.err())
+            .unwrap_or_else(|| kind_of_status(service.raw().status_code())),
         _ => Kind::Unexpected,
     }
+}
+
+/// The kind of a service's error by its type, then its code; `None` when
+/// neither is known (the caller falls back to what else it has).
+pub(crate) fn kind_of_service_error<E: ProvideErrorMetadata + TypedKind>(
+    error: &E,
+) -> Option<Kind> {
+    error
+        .typed_kind()
+        .or_else(|| error.code().and_then(kind_of_code))
 }
 
 /// A response's HTTP status; a trait so that tests need no real response.

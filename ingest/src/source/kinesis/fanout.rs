@@ -26,7 +26,7 @@ use aws_sdk_kinesis::types::{
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::classify::{TypedKind, from_sdk, kind_of_code};
+use super::classify::{from_sdk, kind_of_service_error};
 use super::client::{CONTROL_PLANE_RETRIES, KinesisSource};
 use super::error::{Kind, SourceError};
 use super::reader::resume_point;
@@ -251,11 +251,7 @@ where
 {
     let kind = match &err {
         SdkError::ServiceError(service) => {
-            let error = service.err();
-            error
-                .typed_kind()
-                .or_else(|| error.code().and_then(kind_of_code))
-                .unwrap_or(Kind::ServiceUnavailable)
+            kind_of_service_error(service.err()).unwrap_or(Kind::ServiceUnavailable)
         }
         _ => Kind::Network,
     };
